@@ -1,0 +1,29 @@
+# Development tasks. `make install` builds .venv with a CPU torch unless TORCH_SPEC says otherwise.
+PY_BOOT ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test test-all lint bench bench-quick
+
+install:
+	test -x $(PY) || $(PY_BOOT) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test,dev]"
+
+test:
+	$(PY) -m pytest -q
+
+test-all:
+	$(PY) -m pytest -q -m "slow or not slow"
+
+lint:
+	$(VENV)/bin/ruff check lorakit tests scripts
+	$(VENV)/bin/ruff format --check lorakit tests scripts
+
+bench:
+	$(PY) scripts/bench.py --out benchmarks
+
+bench-quick:
+	$(PY) scripts/bench.py --quick --out benchmarks
