@@ -1,0 +1,44 @@
+"""The contract every task family implements: where its data comes from and how it is scored."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import datasets
+
+TaskKind = Literal["classification", "regression", "generation"]
+
+
+class Task(ABC):
+    """A task bound to its data source (the Hugging Face hub, or a local folder ``data_dir``).
+
+    Classification and regression tasks yield rows with columns ``text_a``, ``text_b`` (``None`` for
+    single-sentence tasks) and ``label`` (int, or float for regression).
+
+    Generation tasks yield rows with ``prompt`` (the exact text the model conditions on) and ``target``
+    (one reference, for training). Their evaluation splits hold one row per distinct input, with every
+    reference of that input in ``references`` (list of str), plus whatever the scorer needs.
+    """
+
+    name: str
+    kind: TaskKind
+    num_labels: int  # 1 for regression, 0 for generation
+    main_metric: str  # key in compute_metrics' result used to keep the best adapter
+    greater_is_better: bool = True
+    train_split: str = "train"
+    # prefix -> split name. One entry with prefix "" for most tasks; MNLI has matched and mismatched.
+    eval_splits: dict[str, str]
+
+    def __init__(self, data_dir: str | None = None) -> None:
+        self.data_dir = data_dir
+
+    @abstractmethod
+    def load(self, split: str) -> datasets.Dataset:
+        """Rows of ``split`` in this task's column layout, from ``data_dir`` or the hub."""
+
+    @abstractmethod
+    def compute_metrics(self, predictions: Sequence[Any], examples: datasets.Dataset) -> dict[str, float]:
+        """The task's metrics for ``predictions`` (one per row of ``examples``), in percent where the
+        paper reports percent."""
