@@ -1,0 +1,388 @@
+"""Adapter files in PEFT's on-disk format, and import of the LoRA authors' loralib checkpoints.
+
+A directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` with PEFT's tensor names:
+``base_model.model.<module>.lora_A.weight`` (r, in), ``...lora_B.weight`` (out, r) — also for GPT-2's
+Conv1D — ``...lora_embedding_A`` / ``...lora_embedding_B`` for embeddings, and saved modules (task
+heads) and biases under their plain parameter path.
+
+PEFT has no notion of LoRA on slices of a fused projection. A ``LoraFusedLinear`` with k adapted
+slices of rank r is written as the one rank k·r LoRA it is equivalent to: A stacked, B
+block-structured, alpha scaled so that alpha'/r' keeps the scaling. The slice layout goes in the
+safetensors header metadata, which PEFT ignores and lorakit reads to split the pair back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lorakit.lora.inject import (
+    LoraConfig,
+    adapter_parameter_names,
+    inject_lora,
+    is_lora_parameter,
+    lora_modules,
+    mark_trainable,
+)
+from lorakit.lora.layers import LoraEmbedding, LoraFusedLinear, LoraLinear, is_conv1d
+
+PEFT_PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_FUSED_METADATA_KEY = "lorakit.fused_slices"
+
+
+def _effective_rank_alpha(module: nn.Module) -> tuple[int, float]:
+    """Rank and alpha of the single LoRA pair PEFT sees for this module."""
+    if isinstance(module, LoraFusedLinear):
+        k = len(module.adapted)
+        # alpha'/r' must equal alpha/r (or alpha'/sqrt(r') = alpha/sqrt(r) with rsLoRA).
+        factor = math.sqrt(k) if module.use_rslora else k
+        return module.r * k, module.alpha * factor
+    return module.r, module.alpha
+
+
+def adapter_tensors(model: nn.Module, config: LoraConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The adapter's tensors under PEFT's names, and the fused-slice layout for the file's metadata."""
+    params = dict(model.named_parameters())
+    tensors: dict[str, torch.Tensor] = {}
+    for name in adapter_parameter_names(model, config.bias, config.modules_to_save):
+        if not is_lora_parameter(name):
+            tensors[PEFT_PREFIX + name] = params[name].detach()
+    fused: dict[str, Any] = {}
+    for path, module in lora_modules(model):
+        key = PEFT_PREFIX + path
+        if isinstance(module, LoraEmbedding):
+            tensors[key + ".lora_embedding_A"] = module.lora_embedding_A.detach()
+            tensors[key + ".lora_embedding_B"] = module.lora_embedding_B.detach()
+        elif isinstance(module, LoraFusedLinear):
+            with torch.no_grad():
+                tensors[key + ".lora_A.weight"] = module.stacked_a()
+                tensors[key + ".lora_B.weight"] = module.block_b(1.0)
+            fused[path] = {"slices": list(module.slice_names), "adapted": list(module.adapted), "r": module.r}
+        else:
+            tensors[key + ".lora_A.weight"] = module.lora_A.detach()
+            tensors[key + ".lora_B.weight"] = module.lora_B.detach()
+    return {k: v.contiguous().cpu() for k, v in tensors.items()}, fused
+
+
+def _target_names(model: nn.Module, adapted: list[str]) -> list[str]:
+    """Short names (``query``) when they pick out exactly the adapted modules, else full paths."""
+    short = sorted({p.rsplit(".", 1)[-1] for p in adapted})
+    picked = {
+        n
+        for n, m in model.named_modules()
+        if n.rsplit(".", 1)[-1] in short
+        and not n.endswith(".base_layer")
+        and (
+            isinstance(m, (nn.Linear, nn.Embedding, LoraLinear, LoraFusedLinear, LoraEmbedding))
+            or is_conv1d(m)
+        )
+    }
+    return short if picked == set(adapted) else sorted(adapted)
+
+
+def _patterns(modules: dict[str, nn.Module], r: int, alpha: float) -> tuple[dict[str, int], dict[str, float]]:
+    """PEFT rank_pattern / alpha_pattern for modules whose rank or alpha differs from the global one,
+    keyed by their short name when every module of that name agrees, else by full path."""
+    by_short: dict[str, set[tuple[int, float]]] = {}
+    for path, module in modules.items():
+        by_short.setdefault(path.rsplit(".", 1)[-1], set()).add(_effective_rank_alpha(module))
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    for path, module in modules.items():
+        rank, a = _effective_rank_alpha(module)
+        short = path.rsplit(".", 1)[-1]
+        key = short if len(by_short[short]) == 1 else path
+        if rank != r:
+            rank_pattern[key] = rank
+        if a != alpha:
+            alpha_pattern[key] = a
+    return rank_pattern, alpha_pattern
+
+
+def adapter_config_dict(
+    model: nn.Module,
+    config: LoraConfig,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> dict[str, Any]:
+    """adapter_config.json's content: what ``peft.LoraConfig`` reads."""
+    modules = dict(lora_modules(model))
+    rank_pattern, alpha_pattern = _patterns(modules, config.r, config.alpha)
+    saved = [n for n in config.modules_to_save]
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": _target_names(model, list(modules)),
+        "modules_to_save": saved or None,
+        "fan_in_fan_out": any(getattr(m, "fan_in_fan_out", False) for m in modules.values()),
+        "bias": config.bias,
+        "use_rslora": config.use_rslora,
+        "init_lora_weights": True if config.init == "kaiming" else "gaussian",
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "inference_mode": True,
+    }
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same directory, then rename: never half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_adapter_files(
+    out_dir: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    config_dict: Mapping[str, Any],
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write an adapter directory from ready tensors and config (both files atomically)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt", **(metadata or {})}
+    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(dict(tensors), p, metadata=meta))
+
+    def write_json(p: str) -> None:
+        Path(p).write_text(json.dumps(dict(config_dict), indent=2, sort_keys=True) + "\n")
+
+    _atomic_write(out / CONFIG_NAME, write_json)
+    return out
+
+
+def save_adapter(
+    model: nn.Module,
+    out_dir: str | Path,
+    config: LoraConfig,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> Path:
+    """Save the model's LoRA adapter (and saved modules, biases) in PEFT's format; returns the dir."""
+    tensors, fused = adapter_tensors(model, config)
+    cfg = adapter_config_dict(model, config, base_model_name_or_path, task_type)
+    meta = {_FUSED_METADATA_KEY: json.dumps(fused)} if fused else None
+    return write_adapter_files(out_dir, tensors, cfg, meta)
+
+
+def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """(config dict, tensors with PEFT's prefix removed, fused-slice layout) of an adapter directory."""
+    d = Path(adapter_dir)
+    config = json.loads((d / CONFIG_NAME).read_text())
+    with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {k.removeprefix(PEFT_PREFIX): f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    fused = json.loads(metadata.get(_FUSED_METADATA_KEY, "{}"))
+    return config, tensors, fused
+
+
+def _lora_paths(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Module path -> 'linear' | 'embedding' for every LoRA pair in the file."""
+    paths = {}
+    for key in tensors:
+        if key.endswith(".lora_A.weight"):
+            paths[key[: -len(".lora_A.weight")]] = "linear"
+        elif key.endswith(".lora_embedding_A"):
+            paths[key[: -len(".lora_embedding_A")]] = "embedding"
+    return paths
+
+
+def config_from_file(
+    file_config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], fused: Mapping[str, Any]
+) -> LoraConfig:
+    """A LoraConfig that re-creates exactly the modules of a file: targets by full path, each with its
+    rank from the tensor shapes and its alpha from PEFT's alpha_pattern rules."""
+    r, alpha = int(file_config["r"]), float(file_config["lora_alpha"])
+    rslora = bool(file_config.get("use_rslora", False))
+    targets, ranks, alphas, fused_slices = [], {}, {}, {}
+    for path, kind in _lora_paths(tensors).items():
+        a = tensors[path + (".lora_A.weight" if kind == "linear" else ".lora_embedding_A")]
+        rank = int(a.shape[0])
+        short = path.rsplit(".", 1)[-1]
+        pattern = file_config.get("alpha_pattern") or {}
+        a_eff = float(pattern.get(path, pattern.get(short, alpha)))
+        if path in fused:
+            k = len(fused[path]["adapted"])
+            rank, a_eff = rank // k, a_eff / (math.sqrt(k) if rslora else k)
+            fused_slices[path] = tuple(fused[path]["slices"])
+            targets.append(f"{path}[{','.join(fused[path]['adapted'])}]")
+        else:
+            targets.append(path)
+        ranks[path], alphas[path] = rank, a_eff
+    lora_keys = {k for k in tensors if is_lora_parameter(k)}
+    saved = sorted(
+        {
+            m
+            for m in (file_config.get("modules_to_save") or [])
+            if any(k.startswith(m + ".") or f".{m}." in k for k in tensors if k not in lora_keys)
+        }
+    )
+    init = file_config.get("init_lora_weights", True)
+    return LoraConfig(
+        r=r,
+        alpha=alpha,
+        dropout=float(file_config.get("lora_dropout", 0.0)),
+        target_modules=targets,
+        bias=file_config.get("bias", "none"),
+        modules_to_save=saved,
+        init="gaussian" if init == "gaussian" else "kaiming",
+        use_rslora=rslora,
+        fused_slices=fused_slices,
+        rank_pattern=ranks,
+        alpha_pattern=alphas,
+    )
+
+
+@torch.no_grad()
+def _copy_lora_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> set[str]:
+    used = set()
+    for path, module in lora_modules(model):
+        if isinstance(module, LoraEmbedding):
+            pairs = [
+                (module.lora_embedding_A, path + ".lora_embedding_A"),
+                (module.lora_embedding_B, path + ".lora_embedding_B"),
+            ]
+        elif isinstance(module, LoraFusedLinear):
+            a, b = tensors[path + ".lora_A.weight"], tensors[path + ".lora_B.weight"]
+            r, d = module.r, module.slice_size
+            expected = module.block_b(1.0).shape
+            if tuple(b.shape) != tuple(expected) or a.shape[0] != r * len(module.adapted):
+                raise ValueError(
+                    f"{path}: adapter shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit the model"
+                )
+            mask = torch.zeros_like(b, dtype=torch.bool)
+            for i, name in enumerate(module.adapted):
+                j = module.slice_names.index(name)
+                module.lora_A[i].copy_(a[i * r : (i + 1) * r])
+                module.lora_B[i].copy_(b[j * d : (j + 1) * d, i * r : (i + 1) * r])
+                mask[j * d : (j + 1) * d, i * r : (i + 1) * r] = True
+            if b[~mask].abs().max().item() if (~mask).any() else 0.0:
+                raise ValueError(f"{path}: lora_B is not block-structured, so it is not a sliced LoRA")
+            used |= {path + ".lora_A.weight", path + ".lora_B.weight"}
+            continue
+        else:
+            pairs = [(module.lora_A, path + ".lora_A.weight"), (module.lora_B, path + ".lora_B.weight")]
+        for param, key in pairs:
+            if key not in tensors:
+                raise ValueError(f"adapter file has no tensor {PEFT_PREFIX + key}")
+            if tuple(param.shape) != tuple(tensors[key].shape):
+                raise ValueError(
+                    f"{key}: shape {tuple(tensors[key].shape)} in the file, {tuple(param.shape)} in the model"
+                )
+            param.copy_(tensors[key])
+            used.add(key)
+    return used
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoraConfig:
+    """Load an adapter written by lorakit or PEFT into ``model``, in place; returns its LoraConfig.
+
+    A model without LoRA layers gets them injected as the file describes; one that has them (injected
+    from a recipe) must match the file exactly. Saved modules and biases are copied in as well.
+    """
+    file_config, tensors, fused = read_adapter(adapter_dir)
+    if file_config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{adapter_dir}: peft_type {file_config.get('peft_type')!r} is not LORA")
+    config = config_from_file(file_config, tensors, fused)
+    present = {p for p, _ in lora_modules(model)}
+    wanted = set(_lora_paths(tensors))
+    if not present:
+        inject_lora(model, config)
+    elif present != wanted:
+        raise ValueError(
+            f"{adapter_dir}: adapter adapts {sorted(wanted - present) or 'the same'} modules the model "
+            f"has no LoRA for, and lacks {sorted(present - wanted) or 'none'}"
+        )
+    used = _copy_lora_weights(model, tensors)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if key in used:
+                continue
+            if key not in params:
+                raise ValueError(f"{adapter_dir}: tensor {PEFT_PREFIX + key} names no parameter of the model")
+            params[key].copy_(value)
+    mark_trainable(model, config.bias, config.modules_to_save)
+    return config
+
+
+def convert_loralib_state_dict(
+    state_dict: Mapping[str, torch.Tensor], alpha: float
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A loralib checkpoint (``<module>.lora_A`` / ``.lora_B`` with no ``.weight`` suffix, plus head
+    weights) as PEFT-format tensors and config. Every tensor is kept, bit for bit."""
+    tensors: dict[str, torch.Tensor] = {}
+    ranks, targets, heads = set(), set(), set()
+    for key, value in state_dict.items():
+        if key.endswith((".lora_A", ".lora_B")):
+            module = key.rsplit(".", 1)[0]
+            tensors[f"{PEFT_PREFIX}{key}.weight"] = value
+            targets.add(module.rsplit(".", 1)[-1])
+            if key.endswith(".lora_A"):
+                ranks.add(int(value.shape[0]))
+                b = state_dict.get(module + ".lora_B")
+                if b is None or b.shape[1] != value.shape[0]:
+                    raise ValueError(
+                        f"{module}: lora_A without a matching lora_B (loralib MergedLinear "
+                        "checkpoints are not supported)"
+                    )
+        else:
+            tensors[PEFT_PREFIX + key] = value
+            heads.add(key.split(".", 1)[0])
+    if len(ranks) != 1:
+        raise ValueError(f"expected one LoRA rank in the checkpoint, found {sorted(ranks) or 'none'}")
+    config = {
+        "peft_type": "LORA",
+        "r": ranks.pop(),
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(targets),
+        "modules_to_save": sorted(heads) or None,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "use_rslora": False,
+        "init_lora_weights": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": True,
+    }
+    return {k: v.contiguous() for k, v in tensors.items()}, config
+
+
+def import_loralib_checkpoint(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    alpha: float,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = "SEQ_CLS",
+) -> Path:
+    """Convert a loralib ``.bin``/``.pt`` checkpoint into a PEFT-format adapter directory.
+
+    The file is read with ``torch.load(weights_only=True)``: no pickled code runs.
+    """
+    state = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{checkpoint}: expected a state dict, found {type(state).__name__}")
+    tensors, config = convert_loralib_state_dict(state, alpha)
+    config.update(base_model_name_or_path=base_model_name_or_path, task_type=task_type)
+    return write_adapter_files(out_dir, tensors, config)

@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny models built from configs, and the real data in ../shared/data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("LORAKIT_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real offline data. Missing data is a failure, never a skip: CI always has ../shared."""
+    assert SHARED_DATA.is_dir(), f"real test data not found at {SHARED_DATA} (set LORAKIT_SHARED_DATA)"
+    return SHARED_DATA
+
+
+def tiny_roberta(num_labels: int = 2, **overrides):
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    cfg = dict(
+        vocab_size=120,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=80,
+        num_labels=num_labels,
+    )
+    cfg.update(overrides)
+    return RobertaForSequenceClassification(RobertaConfig(**cfg)).eval()
+
+
+def tiny_bert(num_labels: int = 2):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    return BertForSequenceClassification(
+        BertConfig(
+            vocab_size=120,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=80,
+            num_labels=num_labels,
+        )
+    ).eval()
+
+
+def tiny_deberta(num_labels: int = 2):
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    return DebertaV2ForSequenceClassification(
+        DebertaV2Config(
+            vocab_size=120,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=80,
+            num_labels=num_labels,
+            relative_attention=True,
+            pos_att_type=["p2c", "c2p"],
+            position_buckets=16,
+            max_relative_positions=32,
+        )
+    ).eval()
+
+
+def tiny_gpt2(vocab_size: int = 120):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=80,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    ).eval()
+
+
+def randomize_lora(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give every LoRA B a non-zero value (B starts at zero, which would hide any bug in the update)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
+@pytest.fixture
+def token_batch() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 120, (3, 11), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
