@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import datasets
+if TYPE_CHECKING:  # datasets is slow to import; `lorakit info` and the CLI's start-up need not pay for it
+    import datasets
 
 TaskKind = Literal["classification", "regression", "generation"]
 
