@@ -14,6 +14,8 @@ SHARED_DATA = Path(os.environ.get("LORAKIT_SHARED_DATA", REPO.parent / "shared" 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 torch.set_num_threads(2)
 
 
@@ -108,3 +110,35 @@ def token_batch() -> dict[str, torch.Tensor]:
     mask = torch.ones_like(ids)
     mask[1, 8:] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    """A tiny RoBERTa checkpoint on disk with the real roberta-base tokenizer beside it."""
+    from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
+
+    out = tmp_path_factory.mktemp("tiny-roberta")
+    torch.manual_seed(0)
+    cfg = RobertaConfig(
+        vocab_size=50265,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=130,
+        type_vocab_size=1,
+        pad_token_id=1,
+    )
+    RobertaForSequenceClassification(cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "roberta-base").save_pretrained(out)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Each test gets a fresh Accelerate singleton state and its own 'latest run' pointer."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    monkeypatch.setenv("LORAKIT_HOME", str(tmp_path / "lorakit-home"))

@@ -59,7 +59,7 @@ def test_injected_model_starts_as_the_base_and_merges_back_to_plain_modules(arch
     randomize_lora(model)
     with torch.no_grad():
         adapted_out = model(**token_batch).logits
-        assert (adapted_out - base_out).abs().max() > 1e-4
+        assert (adapted_out - base_out).abs().max() > 1e-6
         merge_lora(model)
         assert (model(**token_batch).logits - adapted_out).abs().max().item() <= 1e-5
         unmerge_lora(model)

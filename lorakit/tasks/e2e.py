@@ -48,6 +48,7 @@ HUB_ID = "tuetschek/e2e_nlg"
 # The hub repo's main branch holds only a loading script, which datasets no longer runs.
 HUB_REVISION = "refs/convert/parquet"
 SEPARATOR = " ||"
+_PERCENT = ("BLEU", "METEOR", "ROUGE_L")  # the scorer's 0-1 scores that the paper reports in percent
 
 # split -> (original CSV, LoRA text file); the CSV wins when both are present.
 _FILES: dict[str, tuple[str, str]] = {
@@ -108,14 +109,18 @@ class E2ETask(Task):
 
     def compute_metrics(self, predictions: Sequence[Any], examples: datasets.Dataset) -> dict[str, float]:
         """BLEU, NIST, METEOR, ROUGE_L and CIDEr of ``predictions`` (one text per row of ``examples``)
-        against each row's ``references``, as ``lorakit.scoring.e2e.score_e2e`` computes them."""
+        against each row's ``references``, by ``lorakit.scoring.e2e.score_e2e`` (the official scorer).
+
+        On the paper's scales (LoRA, Table 3): BLEU, METEOR and ROUGE_L in percent (the scorer gives
+        0-1), NIST and CIDEr as the scorer gives them."""
         # Imported here so that loading data never pulls in the scorer's dependencies.
         from lorakit.scoring.e2e import score_e2e
 
         references = [list(refs) for refs in examples["references"]]
         if len(predictions) != len(references):
             raise ValueError(f"{len(predictions)} predictions for {len(references)} examples")
-        return score_e2e([str(p).strip() for p in predictions], references)
+        scores = score_e2e([str(p).strip() for p in predictions], references)
+        return {key: 100.0 * value if key in _PERCENT else value for key, value in scores.items()}
 
     # -- sources -------------------------------------------------------------------------------------
 

@@ -60,8 +60,8 @@ def text_to_sql(text: str, header: Sequence[str]) -> dict[str, Any] | None:
     """The query that ``text`` writes over ``header``, or None when it cannot be read; never raises.
 
     Only the first line counts (generation may run on past the query), and surrounding whitespace is
-    ignored. Keywords and column names match case-insensitively. A bare value that is not a number is
-    read as a string, which a model may write although ``sql_to_text`` never does.
+    ignored. Keywords and column names match case-insensitively. A bare value must be a number: a bare
+    word could swallow a truncated `` AND`` and read as a query the model never finished.
     """
     try:
         return _Parser(text, header).parse()
@@ -287,14 +287,7 @@ class _Parser:
                 chars.append(self.s[i])
                 i += 1
             return  # no closing quote
-        ends = [m.start() for m in re.finditer(r"(?i) AND ", self.s[pos:])]
-        for end in [pos + e for e in ends] + [len(self.s)]:
-            token = self.s[pos:end]
-            if not token:
-                continue
-            if _INT.fullmatch(token):
-                yield int(token), end
-            elif _NUMBER.fullmatch(token):
-                yield float(token), end
-            else:
-                yield token, end
+        number = _NUMBER.match(self.s, pos)
+        if number:
+            token = number.group()
+            yield (int(token) if _INT.fullmatch(token) else float(token)), number.end()

@@ -1,0 +1,7 @@
+"""``python -m lorakit`` (what ``accelerate launch -m lorakit`` runs)."""
+
+import sys
+
+from lorakit.cli import main
+
+sys.exit(main())

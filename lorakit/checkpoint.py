@@ -1,0 +1,113 @@
+"""Resumable training state: the trainable weights, optimizer, scheduler, RNG and loop position.
+
+Only trainable parameters are stored (for LoRA a few MB, not the frozen base), in safetensors; the
+optimizer and scheduler states are plain tensors and numbers, saved with torch.save and read back with
+``weights_only=True``. A checkpoint is written under a temporary name and renamed when complete, so
+``latest_checkpoint`` never returns a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CHECKPOINTS = "checkpoints"
+_PREFIX = "step-"
+
+
+@dataclass
+class LoopState:
+    """Where the training loop is: enough to continue exactly where it stopped."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batches_in_epoch: int = 0  # dataloader batches of ``epoch`` already consumed
+    samples_seen: int = 0
+    train_seconds: float = 0.0
+    best_metric: float | None = None
+    best_step: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name, detached, on the CPU."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(
+    run_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: LoopState,
+    keep: int = 1,
+) -> Path:
+    """Write ``checkpoints/step-N`` (complete or not at all) and keep only the newest ``keep``."""
+    root = run_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{_PREFIX}{state.step}"
+    tmp = root / f".tmp-{_PREFIX}{state.step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    """Put back the random number generator states saved with a checkpoint."""
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> tuple[LoopState, dict[str, Any]]:
+    """Restore a checkpoint into ``model`` (trainable parameters), optimizer and scheduler; returns the
+    loop state and the RNG states, which the loop restores itself at the point where they were saved."""
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n in weights if n not in params]
+    if missing:
+        raise ValueError(f"{path}: checkpoint holds parameters the model lacks: {missing[:3]}")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
+    return LoopState(**json.loads((path / "state.json").read_text())), rng

@@ -1,0 +1,177 @@
+"""The ``lorakit`` command. Each command parses its arguments, loads the recipe and calls one function.
+
+Exit status: 0 success; 2 a usage or recipe error, told in one line naming the file and key; 1 a
+failure at run time, told plainly (``LORAKIT_DEBUG=1`` adds the traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from lorakit.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="LoRA fine-tuning of Hugging Face transformers models from YAML recipes.",
+)
+score_app = typer.Typer(no_args_is_help=True, help="Score system outputs with a task's official metrics.")
+app.add_typer(score_app, name="score")
+console = Console()
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a recipe key: --set train.lr=1e-4 (repeatable)."),
+]
+
+
+def _run_dir_or_latest(run_dir: Path | None) -> Path:
+    from lorakit.reporting import latest_run
+
+    if run_dir is not None:
+        if not (run_dir / "recipe.yaml").is_file():
+            raise UserError("not a lorakit run directory (no recipe.yaml)", where=str(run_dir))
+        return run_dir
+    latest = latest_run()
+    if latest is None:
+        raise UserError("no run yet: train one first, or name RUN_DIR", where="RUN_DIR")
+    console.print(f"[dim]using the latest run: {latest}[/dim]")
+    return latest
+
+
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="The YAML recipe.")],
+    set_: SetOption = None,
+    output_dir: Annotated[str | None, typer.Option("--output-dir", help="Where the run goes.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
+    num_processes: Annotated[
+        int | None, typer.Option("--num-processes", help="Accelerate processes (devices).")
+    ] = None,
+) -> None:
+    """Train a recipe; writes the adapter, metrics.json, curves.png and logs to the output directory."""
+    from lorakit.recipe import load_recipe
+
+    overrides = list(set_ or [])
+    if output_dir:
+        overrides.append(f"output_dir={output_dir}")
+    if num_processes:
+        overrides.append(f"train.num_processes={num_processes}")
+    loaded = load_recipe(recipe, overrides)
+    from lorakit.train import train as run_training
+
+    result = run_training(loaded, resume=resume)
+    best = result.metrics["best"]
+    console.print(f"[bold green]done[/bold green] {result.run_dir}  best {result.metrics['main_metric']} "
+                  f"{best[result.metrics['main_metric']]:.2f} at step {best['step']}")
+
+
+@app.command("eval")
+def eval_(
+    run_dir: Annotated[Path | None, typer.Argument(help="A run directory; default: the latest run.")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="Split to evaluate (default: dev).")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Evaluate a trained run; writes eval/metrics-*.json and predictions files and prints the metrics."""
+    from lorakit.evaluation import evaluate_run
+
+    metrics = evaluate_run(_run_dir_or_latest(run_dir), split, list(set_ or []))
+    print(json.dumps(metrics, indent=2))
+
+
+@app.command()
+def merge(
+    run_dir: Annotated[Path | None, typer.Argument(help="A run directory; default: the latest run.")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Directory for the merged model.")] = ...,  # type: ignore[assignment]
+) -> None:
+    """Merge the adapter into the base weights (W0 + BA) and save a plain Hugging Face model."""
+    from lorakit.merge import merge_run
+
+    path = merge_run(_run_dir_or_latest(run_dir), out)
+    console.print(f"merged model written to {path}")
+
+
+@app.command()
+def info(recipe: Annotated[Path, typer.Argument(help="The YAML recipe.")], set_: SetOption = None) -> None:
+    """Parameter counts, matched target modules and a training-memory estimate, from config.json alone."""
+    from lorakit.info import describe, print_report
+    from lorakit.recipe import load_recipe
+
+    print_report(describe(load_recipe(recipe, list(set_ or []))), console)
+
+
+@app.command("import-loralib")
+def import_loralib(
+    checkpoint: Annotated[Path, typer.Argument(help="A loralib .bin/.pt checkpoint (LoRA authors' format).")],
+    recipe: Annotated[Path, typer.Option("--recipe", help="The recipe it was trained with (model, r, alpha).")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the PEFT-format adapter.")],
+) -> None:
+    """Convert a loralib checkpoint into a PEFT-format adapter directory that eval and merge accept."""
+    from lorakit.lora import import_loralib_checkpoint
+    from lorakit.recipe import load_recipe, save_recipe
+    from lorakit.tasks import GENERATION_NAMES
+
+    loaded = load_recipe(recipe, [f"output_dir={out}"])
+    if not checkpoint.is_file():
+        raise UserError("checkpoint file not found", where=str(checkpoint))
+    task_type = "CAUSAL_LM" if loaded.task.name in GENERATION_NAMES else "SEQ_CLS"
+    try:
+        import_loralib_checkpoint(checkpoint, out, loaded.lora.alpha, loaded.model.name_or_path, task_type)
+    except (ValueError, RuntimeError) as exc:  # not a state dict, or a pickle that is not plain tensors
+        raise UserError(f"cannot import: {' '.join(str(exc).split())[:300]}", where=str(checkpoint)) from None
+    save_recipe(loaded, out / "recipe.yaml")
+    console.print(f"adapter written to {out}")
+
+
+@score_app.command("e2e")
+def score_e2e(
+    predictions: Annotated[Path, typer.Argument(help="One system output per line.")],
+    references: Annotated[Path, typer.Argument(help="References grouped per MR, blank line between groups.")],
+) -> None:
+    """BLEU, NIST, METEOR, ROUGE-L and CIDEr as the official E2E scorer computes them, as JSON."""
+    from lorakit.scoring.e2e import score_e2e_files
+
+    for path in (predictions, references):
+        if not path.is_file():
+            raise UserError("file not found", where=str(path))
+    print(json.dumps(score_e2e_files(predictions, references), indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the Typer app and turns errors into one line and an exit status."""
+    err = Console(stderr=True)
+    # Library progress bars (weights loading, dataset mapping) would bury lorakit's own; errors stay.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        # Outside standalone mode Typer returns the exit status of an interrupted or exited command.
+        status = app(args=argv, standalone_mode=False)
+    except UserError as exc:
+        err.print(f"[red]lorakit: error:[/red] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err.print("lorakit: interrupted")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place run-time failures become an exit status
+        # Usage errors (Typer vendors click, so matched by shape): shown as click shows them, exit 2.
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
+            exc.show()
+            return exc.exit_code
+        if os.environ.get("LORAKIT_DEBUG"):
+            traceback.print_exc()
+        err.print(f"[red]lorakit: failed:[/red] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
+        return 1
+    return status if isinstance(status, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

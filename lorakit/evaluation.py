@@ -1,0 +1,150 @@
+"""Evaluation: predictions over an evaluation set, gathered across processes, scored by the task.
+
+Classification takes the arg-max class, regression the single output, generation decodes with beam
+search (or greedy with ``num_beams: 1``) and scores the text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lorakit.loaders import EvalSet
+from lorakit.tasks.base import Task
+
+
+def metric_key(prefix: str, name: str) -> str:
+    """``accuracy`` or, for a task with several evaluation splits, ``matched_accuracy``."""
+    return f"{prefix}_{name}" if prefix else name
+
+
+def _model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # Labels stay out of the forward call: the model would compute a loss nobody reads.
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+@torch.no_grad()
+def predict_labels(model: nn.Module, loader: DataLoader, task: Task, accelerator: Accelerator) -> list[Any]:
+    """Class ids (or regression values) for every row of ``loader``, in row order, each row once."""
+    model.eval()
+    out: list[torch.Tensor] = []
+    for batch in loader:
+        logits = model(**_model_inputs(batch)).logits
+        pred = logits.squeeze(-1).float() if task.kind == "regression" else logits.argmax(-1)
+        out.append(accelerator.gather_for_metrics(pred))
+    return torch.cat(out).cpu().tolist() if out else []
+
+
+@torch.no_grad()
+def generate_texts(
+    model: nn.Module,
+    loader: DataLoader,
+    tokenizer: Any,
+    generation: Any,
+    accelerator: Accelerator,
+) -> list[str]:
+    """Decoded continuations of the left-padded prompts in ``loader``, in row order."""
+    model.eval()
+    unwrapped = accelerator.unwrap_model(model)
+    texts: list[str] = []
+    for batch in loader:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        out = unwrapped.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            num_beams=generation.num_beams,
+            do_sample=False,
+            length_penalty=generation.length_penalty,
+            no_repeat_ngram_size=generation.no_repeat_ngram_size or 0,
+            max_new_tokens=generation.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            early_stopping=True,
+        )
+        new = out[:, ids.shape[1] :]
+        # Pad to a common width so that processes can gather tensors of one shape.
+        new = accelerator.pad_across_processes(new, dim=1, pad_index=tokenizer.pad_token_id)
+        texts.extend(
+            t.strip() for t in tokenizer.batch_decode(accelerator.gather_for_metrics(new), skip_special_tokens=True)
+        )
+    return texts
+
+
+def evaluate(
+    model: nn.Module,
+    eval_sets: list[EvalSet],
+    task: Task,
+    accelerator: Accelerator,
+    tokenizer: Any = None,
+    generation: Any = None,
+) -> tuple[dict[str, float], dict[str, list[Any]]]:
+    """Metrics (keys prefixed per split where the task has several) and the predictions per split."""
+    metrics: dict[str, float] = {}
+    predictions: dict[str, list[Any]] = {}
+    for es in eval_sets:
+        if task.kind == "generation":
+            preds: list[Any] = generate_texts(model, es.loader, tokenizer, generation, accelerator)
+        else:
+            preds = predict_labels(model, es.loader, task, accelerator)
+        predictions[es.split] = preds
+        for name, value in task.compute_metrics(preds, es.rows).items():
+            metrics[metric_key(es.prefix, name)] = float(value)
+    model.train()
+    return metrics, predictions
+
+
+def _readable(prediction: Any, task: Task) -> Any:
+    names = getattr(task, "label_names", None)
+    if task.kind == "classification" and names:
+        return names[int(prediction)]
+    return prediction
+
+
+def write_predictions(out_dir: Path, split: str, predictions: list[Any], rows: Any, task: Task) -> Path:
+    """``predictions-<split>.jsonl``: one object a row (index, prediction, label name, reference)."""
+    path = out_dir / f"predictions-{split}.jsonl"
+    lines = []
+    for i, pred in enumerate(predictions):
+        record: dict[str, Any] = {"row": i, "prediction": pred, "readable": _readable(pred, task)}
+        if "label" in rows.column_names:
+            record["label"] = rows[i]["label"]
+        lines.append(json.dumps(record, ensure_ascii=False))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def evaluate_run(run_dir: Path, split: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Evaluate a trained run on its task's evaluation splits (or ``split``); writes
+    ``RUN_DIR/eval/metrics-<split>.json`` and ``predictions-<split>.jsonl`` and returns the metrics."""
+    from lorakit.loaders import eval_sets
+    from lorakit.models import load_trained
+    from lorakit.recipe import load_recipe
+    from lorakit.reporting import write_json
+    from lorakit.tasks import get_task
+
+    recipe = load_recipe(run_dir / "recipe.yaml", overrides)
+    task = get_task(recipe.task.name, recipe.task.data_dir)
+    splits = {"": split} if split else task.eval_splits
+    prepared = load_trained(run_dir, recipe, task)
+    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)
+    sets = eval_sets(recipe, task, prepared.tokenizer, splits)
+    model = accelerator.prepare(prepared.model)
+    for es in sets:
+        es.loader = accelerator.prepare(es.loader)
+    metrics, predictions = evaluate(model, sets, task, accelerator, prepared.tokenizer, recipe.generation)
+    out_dir = run_dir / "eval"
+    if accelerator.is_main_process:
+        name = split or "+".join(task.eval_splits.values())
+        write_json(out_dir / f"metrics-{name}.json", {"task": task.name, "split": name, **metrics})
+        for es in sets:
+            write_predictions(out_dir, es.split, predictions[es.split], es.rows, task)
+    return metrics

@@ -1,0 +1,66 @@
+"""A recipe's data, ready for the loop: the tokenized training batches and the evaluation sets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from lorakit.data import (
+    PaddingCollator,
+    build_eval_dataloader,
+    build_train_dataloader,
+    subsample,
+    tokenize_causal_lm,
+    tokenize_classification,
+    tokenize_prompts,
+)
+from lorakit.recipe import Recipe
+from lorakit.tasks.base import Task
+
+
+@dataclass
+class EvalSet:
+    """One evaluation split: its rows (for the scorer), and the dataloader of its tokenized rows."""
+
+    prefix: str  # "" for most tasks; "matched"/"mismatched" for MNLI
+    split: str
+    rows: Any  # datasets.Dataset in the task's row layout
+    loader: DataLoader
+
+
+def train_loader(recipe: Recipe, task: Task, tokenizer: Any) -> DataLoader:
+    """Shuffled (length-grouped unless the recipe says otherwise), dynamically padded training batches."""
+    rows = subsample(task.load(task.train_split), recipe.task.max_train_samples, recipe.train.seed)
+    if task.kind == "generation":
+        tokenized = tokenize_causal_lm(rows, tokenizer, recipe.task.max_length)
+    else:
+        tokenized = tokenize_classification(rows, tokenizer, recipe.task.max_length)
+    return build_train_dataloader(
+        tokenized,
+        PaddingCollator(tokenizer),
+        recipe.train.batch_size,
+        recipe.train.seed,
+        recipe.train.group_by_length,
+    )
+
+
+def eval_sets(recipe: Recipe, task: Task, tokenizer: Any, splits: dict[str, str] | None = None) -> list[EvalSet]:
+    """The task's evaluation splits (or ``splits``: prefix -> split name), each with its loader.
+
+    Generation tasks get left-padded prompts, so that every row of a batch ends where generation starts.
+    """
+    sets = []
+    for prefix, split in (splits or task.eval_splits).items():
+        rows = subsample(task.load(split), recipe.task.max_eval_samples, recipe.train.seed)
+        if task.kind == "generation":
+            tokenized = tokenize_prompts(rows, tokenizer, recipe.task.max_length)
+            loader = build_eval_dataloader(
+                tokenized, PaddingCollator(tokenizer, padding_side="left"), recipe.generation.batch_size
+            )
+        else:
+            tokenized = tokenize_classification(rows, tokenizer, recipe.task.max_length)
+            loader = build_eval_dataloader(tokenized, PaddingCollator(tokenizer), recipe.train.eval_batch_size)
+        sets.append(EvalSet(prefix=prefix, split=split, rows=rows, loader=loader))
+    return sets

@@ -1,0 +1,283 @@
+"""The base model and tokenizer for a recipe, with LoRA injected as the recipe asks.
+
+The LoRA core (``lorakit.lora``) knows nothing of transformers or recipes; this module is where the
+two meet: it picks the Auto class for the task, sizes the head from the task, resolves the recipe's
+``lora`` section into a core ``LoraConfig`` and turns the core's errors into ``UserError`` lines that
+name the recipe key at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from lorakit.errors import UserError
+from lorakit.lora import (
+    LoraConfig,
+    ParameterCounts,
+    TargetNotFoundError,
+    count_parameters,
+    inject_lora,
+    load_adapter,
+    lora_modules,
+    mark_trainable,
+    presets,
+)
+from lorakit.lora.adapter_io import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, write_adapter_files
+from lorakit.lora.inject import is_lora_parameter, resolve_defaults, saved_module_names, suffix_matches
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    from lorakit.recipe import Recipe
+    from lorakit.tasks.base import Task
+
+logger = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+FULL_MODEL_DIR = "model"  # where training saves a full fine-tuning run's model, inside the run dir
+
+
+@dataclass
+class PreparedModel:
+    """A model ready to train or evaluate, with what was done to it."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    lora_config: LoraConfig | None  # None for full fine-tuning
+    adapted: list[str]  # full names of the modules that carry LoRA
+    counts: ParameterCounts
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    # transformers' messages span several lines; a UserError is shown as one.
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``model.tokenizer`` (or of the model itself); eos doubles as pad when the
+    tokenizer has no pad token (GPT-2), so batches can be padded."""
+    from transformers import AutoTokenizer
+
+    source = recipe.model.tokenizer or recipe.model.name_or_path
+    key = "model.tokenizer" if recipe.model.tokenizer else "model.name_or_path"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=recipe.model.trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(
+            f"cannot load a tokenizer from {source!r}: {_one_line(exc)}", recipe.where(key)
+        ) from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def model_class(task: Task) -> type:
+    """The transformers Auto class for the task: a sequence classifier (one output for regression) or
+    a causal LM for generation."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForCausalLM if task.kind == "generation" else AutoModelForSequenceClassification
+
+
+def model_config(recipe: Recipe, task: Task) -> PretrainedConfig:
+    """The base checkpoint's config with the task's head settings (label count and names, problem
+    type, pad token). Reads ``config.json`` only, so ``lorakit info`` can use it without weights."""
+    from transformers import AutoConfig
+
+    path = recipe.model.name_or_path
+    where = recipe.where("model.name_or_path")
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise UserError(f"{path} has no config.json, so it is not a Hugging Face model directory", where)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load the model config of {path!r}: {_one_line(exc)}", where) from None
+    if task.kind == "generation":
+        return config
+    labels = getattr(task, "label_names", None)
+    if labels:
+        # Setting id2label resizes num_labels too; passing both to from_pretrained warns when the
+        # checkpoint was itself a classifier with another label count.
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {name: i for i, name in enumerate(labels)}
+    else:
+        config.num_labels = task.num_labels
+    # Set explicitly so that a checkpoint fine-tuned on another kind of task does not carry its own.
+    config.problem_type = "regression" if task.kind == "regression" else "single_label_classification"
+    if getattr(config, "pad_token_id", None) is None:
+        # GPT-2's classifier reads the last non-pad token and refuses batches without a pad id;
+        # the tokenizer pads with eos (load_tokenizer), so the model must know eos is the pad.
+        eos = getattr(config, "eos_token_id", None)
+        config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    return config
+
+
+def build_model(recipe: Recipe, task: Task) -> PreTrainedModel:
+    """The base model for ``task``, weights at ``model.dtype``; the head is fresh when the checkpoint
+    has none or one of another size. Every parameter is left trainable."""
+    config = model_config(recipe, task)
+    path = recipe.model.name_or_path
+    try:
+        model = model_class(task).from_pretrained(
+            path,
+            config=config,
+            dtype=DTYPES[recipe.model.dtype],
+            trust_remote_code=recipe.model.trust_remote_code,
+            # A checkpoint fine-tuned with another label count (MNLI's 3 for MRPC) gets a fresh head.
+            ignore_mismatched_sizes=task.kind != "generation",
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"cannot load the model {path!r}: {_one_line(exc)}", recipe.where("model.name_or_path")
+        ) from None
+    return model
+
+
+def lora_config(recipe: Recipe, model: nn.Module, task: Task) -> LoraConfig:
+    """The core's ``LoraConfig`` for the recipe's ``lora`` section. Null ``target_modules`` stay null
+    (the core picks the paper's targets from ``config.model_type``); null ``modules_to_save`` become
+    the architecture's head for classification and regression, nothing for generation."""
+    section = recipe.lora
+    to_save = section.modules_to_save
+    if to_save is None and task.kind != "generation":
+        model_type = getattr(getattr(model, "config", None), "model_type", "")
+        names = [n for n, _ in model.named_modules() if n]
+        # Filtered by presence: the fallback for unknown architectures names two candidates at once.
+        to_save = [h for h in presets.seq_cls_heads(model_type) if any(suffix_matches(n, h) for n in names)]
+        if not to_save:
+            raise UserError(
+                f"cannot tell which modules form the head of a {model_type!r} model; set them",
+                recipe.where("lora.modules_to_save"),
+            )
+    return LoraConfig(
+        r=section.r,
+        alpha=section.alpha,
+        dropout=section.dropout,
+        target_modules=section.target_modules,
+        bias=section.bias,
+        modules_to_save=tuple(to_save or ()),
+        init=section.init,
+        use_rslora=section.use_rslora,
+    )
+
+
+def apply_lora(recipe: Recipe, model: nn.Module, task: Task) -> tuple[LoraConfig, list[str]]:
+    """Inject LoRA into ``model`` as training would and mark the adapter trainable; returns the config
+    and the adapted module names. Core errors become UserErrors at the recipe key they concern."""
+    config = lora_config(recipe, model, task)
+    try:
+        # Resolved here so the returned config names the targets actually used, not null.
+        config = resolve_defaults(model, config)
+        adapted = inject_lora(model, config)
+    except TargetNotFoundError as exc:
+        raise UserError(_one_line(exc), recipe.where("lora.target_modules")) from None
+    try:
+        mark_trainable(model, config.bias, config.modules_to_save)
+    except TargetNotFoundError as exc:
+        raise UserError(_one_line(exc), recipe.where("lora.modules_to_save")) from None
+    return config, adapted
+
+
+def _init_from_run(recipe: Recipe, model: nn.Module, config: LoraConfig) -> None:
+    """Load the adapter of run ``lora.init_from`` into the LoRA-injected ``model``.
+
+    The paper starts MRPC, RTE and STS-B from the MNLI adapter: LoRA A/B carry over, but a head sized
+    for 3 labels cannot serve 2, so when any head tensor's shape differs the whole head starts fresh.
+    """
+    run_dir = Path(str(recipe.lora.init_from))
+    where = recipe.where("lora.init_from")
+    weights = run_dir / WEIGHTS_NAME
+    if not weights.is_file() or not (run_dir / CONFIG_NAME).is_file():
+        raise UserError(f"{run_dir} holds no adapter ({WEIGHTS_NAME} and {CONFIG_NAME})", where)
+    heads = saved_module_names(model, config.modules_to_save)
+    params = dict(model.named_parameters())
+    with safe_open(str(weights), framework="pt") as f:
+        keys = list(f.keys())  # noqa: SIM118  (safe_open handles are not iterable)
+        metadata = f.metadata()
+        head_keys = {
+            k
+            for k in keys
+            if not is_lora_parameter(k)
+            and any(k.removeprefix(PEFT_PREFIX).startswith(h + ".") for h in heads)
+        }
+        resized = [
+            k
+            for k in head_keys
+            if k.removeprefix(PEFT_PREFIX) in params
+            and tuple(f.get_slice(k).get_shape()) != tuple(params[k.removeprefix(PEFT_PREFIX)].shape)
+        ]
+        kept = {k: f.get_tensor(k) for k in keys if k not in head_keys} if resized else None
+    try:
+        if kept is None:
+            load_adapter(model, run_dir)
+        else:
+            logger.info(
+                "%s: head shapes differ (%s); loading LoRA only, the head starts fresh", run_dir, resized[0]
+            )
+            # The core loads whole adapter directories; a copy without the head keeps its semantics
+            # (strict module matching, fused-slice metadata) without a second loading path.
+            file_config = json.loads((run_dir / CONFIG_NAME).read_text())
+            with tempfile.TemporaryDirectory(prefix="lorakit-init-") as tmp:
+                write_adapter_files(tmp, kept, file_config, metadata)
+                load_adapter(model, tmp)
+    except (ValueError, RuntimeError) as exc:
+        raise UserError(f"cannot start from the adapter in {run_dir}: {_one_line(exc)}", where) from None
+    # load_adapter marks trainable from the file's config; the recipe decides what trains now.
+    mark_trainable(model, config.bias, config.modules_to_save)
+
+
+def prepare_model(recipe: Recipe, task: Task) -> PreparedModel:
+    """Tokenizer and model for training: LoRA injected and only the adapter trainable (``method:
+    lora``, optionally starting from ``lora.init_from``), or everything trainable (``method: full``)."""
+    tokenizer = load_tokenizer(recipe)
+    model = build_model(recipe, task)
+    if recipe.method == "full":
+        if recipe.lora.init_from is not None:
+            raise UserError("starting from a LoRA adapter needs method: lora", recipe.where("lora.init_from"))
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return PreparedModel(model, tokenizer, None, [], count_parameters(model))
+    config, adapted = apply_lora(recipe, model, task)
+    if recipe.lora.init_from is not None:
+        _init_from_run(recipe, model, config)
+    return PreparedModel(model, tokenizer, config, adapted, count_parameters(model))
+
+
+def load_trained(run_dir: str | Path, recipe: Recipe, task: Task) -> PreparedModel:
+    """The base model with ``run_dir``'s adapter loaded, in eval mode, for evaluation and merging.
+
+    The adapter file, not the recipe, says which modules carry LoRA, so the model is exactly the one
+    that was saved. A full fine-tuning run is read from ``run_dir/model`` (where training saves it).
+    """
+    run = Path(run_dir)
+    tokenizer = load_tokenizer(recipe)
+    if (run / WEIGHTS_NAME).is_file():
+        model = build_model(recipe, task)
+        try:
+            config: LoraConfig | None = load_adapter(model, run)
+        except (ValueError, RuntimeError) as exc:
+            raise UserError(f"cannot load the adapter: {_one_line(exc)}", str(run)) from None
+        adapted = [name for name, _ in lora_modules(model)]
+    elif (run / FULL_MODEL_DIR / "config.json").is_file():
+        # model_copy keeps the recipe's source, so errors still name its file.
+        saved = str(run / FULL_MODEL_DIR)
+        full = recipe.model_copy(update={"model": recipe.model.model_copy(update={"name_or_path": saved})})
+        model, config, adapted = build_model(full, task), None, []
+    else:
+        raise UserError(f"no trained model here ({WEIGHTS_NAME} or {FULL_MODEL_DIR}/)", str(run))
+    model.eval()
+    return PreparedModel(model, tokenizer, config, adapted, count_parameters(model))

@@ -1,0 +1,95 @@
+"""What a run leaves for people to read: metrics.json, the JSON-lines log, curves.png, peak memory,
+and the pointer to the most recent run that ``lorakit eval`` and ``lorakit merge`` fall back on."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+METRICS_FILE = "metrics.json"
+LOG_FILE = "logs/train.jsonl"
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, default=float)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+class JsonlLog:
+    """Appends one JSON object a line to ``logs/train.jsonl``; a crash loses at most the last line."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOG_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+
+
+def peak_memory() -> dict[str, Any]:
+    """Peak memory of this process: CUDA max allocated on a GPU, max resident set size on the CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated()), "peak_memory_kind": "cuda_max_allocated"}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports kilobytes, macOS bytes.
+    factor = 1 if sys.platform == "darwin" else 1024
+    return {"peak_memory_bytes": int(rss * factor), "peak_memory_kind": "cpu_max_rss"}
+
+
+def plot_curves(history: list[dict[str, Any]], main_metric: str, path: Path) -> None:
+    """curves.png: training loss and the main evaluation metric against optimizer steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["step"], h[main_metric]) for h in history if main_metric in h]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    if losses:
+        ax1.plot(*zip(*losses, strict=True), color="tab:blue")
+    ax1.set(title="training loss", xlabel="step", ylabel="loss")
+    if evals:
+        ax2.plot(*zip(*evals, strict=True), marker="o", color="tab:green")
+    ax2.set(title=f"dev {main_metric}", xlabel="step", ylabel=main_metric)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _latest_pointer() -> Path:
+    home = Path(os.environ.get("LORAKIT_HOME", Path.home() / ".cache" / "lorakit"))
+    return home / "latest_run"
+
+
+def record_latest_run(run_dir: Path) -> None:
+    """Remember ``run_dir`` as the most recent run."""
+    pointer = _latest_pointer()
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    pointer.write_text(str(run_dir.resolve()) + "\n")
+
+
+def latest_run() -> Path | None:
+    """The most recent run directory that still exists, or None."""
+    pointer = _latest_pointer()
+    if not pointer.is_file():
+        return None
+    run = Path(pointer.read_text().strip())
+    return run if (run / METRICS_FILE).is_file() or (run / "recipe.yaml").is_file() else None
