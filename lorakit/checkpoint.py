@@ -29,7 +29,10 @@ class LoopState:
 
     step: int = 0  # optimizer steps done
     epoch: int = 0
-    batches_in_epoch: int = 0  # dataloader batches of ``epoch`` already consumed
+    # Rows of ``epoch`` already trained on, over all processes: a position that does not depend on how
+    # many processes share each global batch, so a run saved on N processes resumes on M.
+    samples_in_epoch: int = 0
+    global_batch_size: int = 0  # rows per global batch when saved (N processes × batch_size)
     samples_seen: int = 0
     train_seconds: float = 0.0
     best_metric: float | None = None

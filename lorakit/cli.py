@@ -64,15 +64,24 @@ def train(
     overrides = list(set_ or [])
     if output_dir:
         overrides.append(f"output_dir={output_dir}")
-    if num_processes:
+    if num_processes is not None:
         overrides.append(f"train.num_processes={num_processes}")
     loaded = load_recipe(recipe, overrides)
+    from lorakit.launch import launch, needs_launch
+
+    if needs_launch(loaded):  # several processes: this one starts them and waits
+        argv = ["train", str(recipe), *(arg for o in overrides for arg in ("--set", o))]
+        raise typer.Exit(launch(loaded, [*argv, "--resume"] if resume else argv, resume))
     from lorakit.train import train as run_training
 
     result = run_training(loaded, resume=resume)
+    if not result.main_process:
+        return
     best = result.metrics["best"]
-    console.print(f"[bold green]done[/bold green] {result.run_dir}  best {result.metrics['main_metric']} "
-                  f"{best[result.metrics['main_metric']]:.2f} at step {best['step']}")
+    console.print(
+        f"[bold green]done[/bold green] {result.run_dir}  best {result.metrics['main_metric']} "
+        f"{best[result.metrics['main_metric']]:.2f} at step {best['step']}"
+    )
 
 
 @app.command("eval")

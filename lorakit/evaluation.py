@@ -93,6 +93,11 @@ def evaluate(
             preds: list[Any] = generate_texts(model, es.loader, tokenizer, generation, accelerator)
         else:
             preds = predict_labels(model, es.loader, task, accelerator)
+        if len(preds) != len(es.rows):
+            # Processes pad the last batches to equal shapes; gathering must drop exactly that padding.
+            raise RuntimeError(
+                f"{es.split}: {len(preds)} predictions for {len(es.rows)} rows after gathering across processes"
+            )
         predictions[es.split] = preds
         for name, value in task.compute_metrics(preds, es.rows).items():
             metrics[metric_key(es.prefix, name)] = float(value)

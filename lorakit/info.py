@@ -12,7 +12,6 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import torch
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
@@ -22,7 +21,7 @@ from lorakit.errors import UserError
 from lorakit.lora import ParameterCounts, count_parameters, lora_modules
 from lorakit.lora.inject import saved_module_names
 from lorakit.lora.layers import LoraFusedLinear
-from lorakit.models import DTYPES, apply_lora, model_class, model_config
+from lorakit.models import apply_lora, empty_model, model_config
 from lorakit.recipe import Recipe
 from lorakit.tasks import get_task
 
@@ -145,11 +144,7 @@ def describe(recipe: Recipe) -> InfoReport:
     from the model's config alone (no weights are read, none are allocated)."""
     task = get_task(recipe.task.name, None)  # sizes the head; constructing a task reads no data
     config = model_config(recipe, task)
-    dtype = DTYPES[recipe.model.dtype]
-    with torch.device("meta"):
-        model = model_class(task).from_config(
-            config, dtype=dtype, trust_remote_code=recipe.model.trust_remote_code
-        )
+    model = empty_model(recipe, task, config)
     base = list(_unique_params(model))
     base_params = sum(p.numel() for _, p in base)
     base_bytes = _nbytes(p for _, p in base)

@@ -46,7 +46,9 @@ def train_loader(recipe: Recipe, task: Task, tokenizer: Any) -> DataLoader:
     )
 
 
-def eval_sets(recipe: Recipe, task: Task, tokenizer: Any, splits: dict[str, str] | None = None) -> list[EvalSet]:
+def eval_sets(
+    recipe: Recipe, task: Task, tokenizer: Any, splits: dict[str, str] | None = None
+) -> list[EvalSet]:
     """The task's evaluation splits (or ``splits``: prefix -> split name), each with its loader.
 
     Generation tasks get left-padded prompts, so that every row of a batch ends where generation starts.
@@ -61,6 +63,8 @@ def eval_sets(recipe: Recipe, task: Task, tokenizer: Any, splits: dict[str, str]
             )
         else:
             tokenized = tokenize_classification(rows, tokenizer, recipe.task.max_length)
-            loader = build_eval_dataloader(tokenized, PaddingCollator(tokenizer), recipe.train.eval_batch_size)
+            loader = build_eval_dataloader(
+                tokenized, PaddingCollator(tokenizer), recipe.train.eval_batch_size
+            )
         sets.append(EvalSet(prefix=prefix, split=split, rows=rows, loader=loader))
     return sets

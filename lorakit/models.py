@@ -8,6 +8,7 @@ name the recipe key at fault.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import tempfile
@@ -80,6 +81,10 @@ def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
         raise UserError(
             f"cannot load a tokenizer from {source!r}: {_one_line(exc)}", recipe.where(key)
         ) from None
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
+        # transformers 5 builds a tokenizer of special tokens only from a directory without tokenizer
+        # files; every word would then encode to nothing or <unk>.
+        raise UserError(f"no tokenizer files in {source!r}; set model.tokenizer", recipe.where(key))
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -126,10 +131,11 @@ def model_config(recipe: Recipe, task: Task) -> PretrainedConfig:
     return config
 
 
-def build_model(recipe: Recipe, task: Task) -> PreTrainedModel:
+def build_model(recipe: Recipe, task: Task, config: PretrainedConfig | None = None) -> PreTrainedModel:
     """The base model for ``task``, weights at ``model.dtype``; the head is fresh when the checkpoint
-    has none or one of another size. Every parameter is left trainable."""
-    config = model_config(recipe, task)
+    has none or one of another size. Every parameter is left trainable. ``config``: a ready
+    ``model_config(recipe, task)``, to save reading it again."""
+    config = config if config is not None else model_config(recipe, task)
     path = recipe.model.name_or_path
     try:
         model = model_class(task).from_pretrained(
@@ -145,6 +151,17 @@ def build_model(recipe: Recipe, task: Task) -> PreTrainedModel:
             f"cannot load the model {path!r}: {_one_line(exc)}", recipe.where("model.name_or_path")
         ) from None
     return model
+
+
+def empty_model(recipe: Recipe, task: Task, config: PretrainedConfig | None = None) -> PreTrainedModel:
+    """The model's architecture on PyTorch's meta device: parameters with shapes and dtypes but no
+    storage, so even a 1.5B-parameter model costs no memory and no weights are read."""
+    # A copy: from_config records settings on the config it is given, and the caller may reuse it.
+    config = copy.deepcopy(config) if config is not None else model_config(recipe, task)
+    with torch.device("meta"):
+        return model_class(task).from_config(
+            config, dtype=DTYPES[recipe.model.dtype], trust_remote_code=recipe.model.trust_remote_code
+        )
 
 
 def lora_config(recipe: Recipe, model: nn.Module, task: Task) -> LoraConfig:
@@ -243,11 +260,16 @@ def _init_from_run(recipe: Recipe, model: nn.Module, config: LoraConfig) -> None
 def prepare_model(recipe: Recipe, task: Task) -> PreparedModel:
     """Tokenizer and model for training: LoRA injected and only the adapter trainable (``method:
     lora``, optionally starting from ``lora.init_from``), or everything trainable (``method: full``)."""
+    if recipe.method == "full" and recipe.lora.init_from is not None:
+        raise UserError("starting from a LoRA adapter needs method: lora", recipe.where("lora.init_from"))
     tokenizer = load_tokenizer(recipe)
-    model = build_model(recipe, task)
+    hf_config = model_config(recipe, task)
+    if recipe.method == "lora":
+        # A dry run on the meta device first: a mistyped target fails in milliseconds, not after
+        # gigabytes of weights have been read.
+        apply_lora(recipe, empty_model(recipe, task, hf_config), task)
+    model = build_model(recipe, task, hf_config)
     if recipe.method == "full":
-        if recipe.lora.init_from is not None:
-            raise UserError("starting from a LoRA adapter needs method: lora", recipe.where("lora.init_from"))
         for param in model.parameters():
             param.requires_grad_(True)
         return PreparedModel(model, tokenizer, None, [], count_parameters(model))

@@ -12,253 +12,27 @@ import os
 import re
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import (
-    AfterValidator,
     BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    PrivateAttr,
     ValidationError,
-    field_validator,
-    model_validator,
 )
 
 from lorakit.errors import UserError
-from lorakit.tasks import GENERATION_NAMES, TASK_NAMES
-
-DEFAULT_OUTPUT_DIR = "runs/lorakit"
-
-
-def _show(value: Any) -> str:
-    """A value as the user wrote it in YAML, short enough for a one-line message."""
-    if value is None:
-        text = "null"
-    elif isinstance(value, bool):
-        text = "true" if value else "false"
-    else:
-        text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _no_bool(expected: str) -> BeforeValidator:
-    # YAML reads yes/no/on/off as booleans, and pydantic would quietly take True as the number 1.
-    def check(value: Any) -> Any:
-        if isinstance(value, bool):
-            raise ValueError(f"expected {expected} (got {_show(value)})")
-        return value
-
-    return BeforeValidator(check)
-
-
-def _expand_path(value: Any) -> Any:
-    """Expand ``$VAR``, ``${VAR}`` and ``~``, refusing to pass on a variable that is not set."""
-    if not isinstance(value, str):
-        return value
-    expanded = os.path.expanduser(os.path.expandvars(value))
-    unset = re.search(r"\$\{?(\w+)", expanded)
-    if unset:
-        raise ValueError(f"environment variable {unset.group(1)} is not set (in {value!r})")
-    return expanded
-
-
-Int = Annotated[int, _no_bool("an integer")]
-Float = Annotated[float, _no_bool("a number")]
-PathStr = Annotated[str, BeforeValidator(_expand_path)]
-
-
-def _looks_local(name: str) -> bool:
-    """Whether a model name is meant as a local directory rather than a hub id such as ``org/name``."""
-    return name in (".", "..") or name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
-
-
-def _must_exist(value: str, kind: Literal["file", "directory"] = "directory") -> str:
-    path = Path(value)
-    if not path.exists():
-        raise ValueError(f"{kind} not found: {value}")
-    if not (path.is_dir() if kind == "directory" else path.is_file()):
-        raise ValueError(f"not a {kind}: {value}")
-    return value
-
-
-ExistingDir = Annotated[str, BeforeValidator(_expand_path), AfterValidator(_must_exist)]
-ExistingFile = Annotated[str, BeforeValidator(_expand_path), AfterValidator(lambda v: _must_exist(v, "file"))]
-# A hub id or a local directory; only a name that looks local is checked for existence.
-ModelPath = Annotated[
-    str, BeforeValidator(_expand_path), AfterValidator(lambda v: _must_exist(v) if _looks_local(v) else v)
-]
-
-
-class _Section(BaseModel):
-    # Numbers are coerced to str so that unquoted YAML such as `output_dir: 2024` still reads as a path.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True)
-
-
-class ModelSection(_Section):
-    """The base checkpoint: a hub id or a local directory."""
-
-    name_or_path: ModelPath = Field("roberta-base", min_length=1)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    trust_remote_code: bool = False
-    tokenizer: ModelPath | None = Field(None, min_length=1)  # when it differs from the model
-
-
-class TaskSection(_Section):
-    """The task and where its data comes from (``data_dir``: local original files; null: the hub)."""
-
-    name: str = "mnli"
-    data_dir: ExistingDir | None = None
-    max_length: Int = Field(128, gt=0)
-    max_train_samples: Int | None = Field(None, gt=0)
-    max_eval_samples: Int | None = Field(None, gt=0)
-
-    @field_validator("name")
-    @classmethod
-    def _known_task(cls, value: str) -> str:
-        name = value.strip().lower()
-        if name not in TASK_NAMES:
-            raise ValueError(f"unknown task {value!r}; choose one of {', '.join(TASK_NAMES)}")
-        return name
-
-    @property
-    def is_generation(self) -> bool:
-        """Whether the task generates text (E2E, WikiSQL) rather than classifying or regressing."""
-        return self.name in GENERATION_NAMES
-
-
-class LoraSection(_Section):
-    """LoRA settings; ignored when ``method`` is ``full``."""
-
-    r: Int = Field(8, gt=0)
-    alpha: Float = Field(16.0, gt=0)
-    dropout: Float = Field(0.0, ge=0, lt=1)
-    # None: the architecture's default; a list: module name suffixes; a str: a regex on full names.
-    target_modules: list[str] | str | None = None
-    bias: Literal["none", "all", "lora_only"] = "none"
-    modules_to_save: list[str] | None = None
-    init: Literal["kaiming", "gaussian"] = "kaiming"
-    use_rslora: bool = False
-    init_from: ExistingDir | None = None  # a run directory whose adapter initialises this one
-
-    @field_validator("target_modules", mode="before")
-    @classmethod
-    def _check_targets(cls, value: Any) -> Any:
-        # Checked by hand: pydantic's union errors would name each alternative in turn.
-        if value is None:
-            return None
-        if isinstance(value, str):
-            if not value:
-                raise ValueError("must not be empty (use null for the architecture's default)")
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"invalid regular expression {value!r}: {exc}") from None
-            return value
-        if isinstance(value, list | tuple):
-            if not value:
-                raise ValueError("must not be an empty list (use null for the architecture's default)")
-            for item in value:
-                if not isinstance(item, str) or not item:
-                    raise ValueError(f"expected module names (got {_show(item)})")
-            return list(value)
-        raise ValueError(
-            f"expected null, a list of module names or a regular expression (got {_show(value)})"
-        )
-
-
-class TrainSection(_Section):
-    """Optimisation, schedule, precision, checkpointing and the number of devices."""
-
-    epochs: Int = Field(30, gt=0)
-    max_steps: Int | None = Field(None, gt=0)
-    batch_size: Int = Field(16, gt=0)
-    eval_batch_size: Int = Field(64, gt=0)
-    lr: Float = Field(5.0e-4, gt=0)
-    weight_decay: Float = Field(0.1, ge=0)
-    warmup_ratio: Float = Field(0.06, ge=0, lt=1)
-    warmup_steps: Int | None = Field(None, ge=0)  # when set, wins over warmup_ratio
-    scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    grad_accum: Int = Field(1, ge=1)
-    max_grad_norm: Float | None = Field(1.0, gt=0)
-    label_smoothing: Float = Field(0.0, ge=0, lt=1)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    seed: Int = Field(0, ge=0, le=2**32 - 1)
-    eval_every: Literal["epoch"] | int = "epoch"
-    save_every: Int | None = Field(None, gt=0)
-    log_every: Int = Field(10, gt=0)
-    num_processes: Int = Field(1, ge=1)
-    gradient_checkpointing: bool = False
-    group_by_length: bool = True
-    distributed: ExistingFile | None = None  # an Accelerate config file
-
-    @field_validator("mixed_precision", mode="before")
-    @classmethod
-    def _unquoted_no(cls, value: Any) -> Any:
-        # An unquoted `no` in YAML 1.1 is the boolean false.
-        return "no" if value is False else value
-
-    @field_validator("eval_every", mode="before")
-    @classmethod
-    def _epoch_or_steps(cls, value: Any) -> Any:
-        if value == "epoch":
-            return value
-        if isinstance(value, str) and value.strip().isdigit():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"expected 'epoch' or a positive number of steps (got {_show(value)})")
-        return value
-
-
-class GenerationSection(_Section):
-    """Decoding settings for generation tasks (beam search as in the paper; ``num_beams: 1`` is greedy)."""
-
-    num_beams: Int = Field(10, ge=1)
-    length_penalty: Float = 0.8
-    no_repeat_ngram_size: Int = Field(4, ge=0)
-    max_new_tokens: Int = Field(64, gt=0)
-    batch_size: Int = Field(16, gt=0)
-
-
-class Recipe(_Section):
-    """A whole recipe: every key resolved to a value."""
-
-    model: ModelSection = Field(default_factory=ModelSection)
-    task: TaskSection = Field(default_factory=TaskSection)
-    method: Literal["lora", "full"] = "lora"
-    lora: LoraSection = Field(default_factory=LoraSection)
-    train: TrainSection = Field(default_factory=TrainSection)
-    generation: GenerationSection = Field(default_factory=GenerationSection)
-    output_dir: PathStr = Field(DEFAULT_OUTPUT_DIR, min_length=1)
-    _source: str = PrivateAttr("<recipe>")
-
-    @property
-    def source(self) -> str:
-        """The file this recipe came from, for error messages that name file and key."""
-        return self._source
-
-    def __eq__(self, other: object) -> bool:
-        # Two recipes are equal when their keys are, whichever file they were read from.
-        return isinstance(other, Recipe) and self.model_dump() == other.model_dump()
-
-    __hash__ = None  # type: ignore[assignment]  # mutable, like every pydantic model
-
-    def where(self, key: str) -> str:
-        """``<file>: <key>``, the location part of a UserError about this recipe."""
-        return f"{self._source}: {key}"
-
-    @model_validator(mode="before")
-    @classmethod
-    def _empty_sections(cls, data: Any) -> Any:
-        # `lora:` with every key commented out reads as null; it means "all defaults".
-        if isinstance(data, dict):
-            return {key: {} if value is None and key in _SECTIONS else value for key, value in data.items()}
-        return data
-
-
-_SECTIONS = frozenset({"model", "task", "lora", "train", "generation"})
+from lorakit.recipe_schema import (  # noqa: F401  (re-exported: the schema is part of this module's API)
+    _SECTIONS,
+    DEFAULT_OUTPUT_DIR,
+    GenerationSection,
+    LoraSection,
+    ModelSection,
+    Recipe,
+    TaskSection,
+    TrainSection,
+    _Section,
+    _show,
+)
 
 
 class _Loader(yaml.SafeLoader):

@@ -42,7 +42,10 @@ class JsonlLog:
 def peak_memory() -> dict[str, Any]:
     """Peak memory of this process: CUDA max allocated on a GPU, max resident set size on the CPU."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated()), "peak_memory_kind": "cuda_max_allocated"}
+        return {
+            "peak_memory_bytes": int(torch.cuda.max_memory_allocated()),
+            "peak_memory_kind": "cuda_max_allocated",
+        }
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports kilobytes, macOS bytes.
     factor = 1 if sys.platform == "darwin" else 1024

@@ -1,11 +1,15 @@
 """The training loop: Accelerate, AdamW over the trainable parameters, a warmup schedule, periodic
 evaluation that keeps the best adapter, resumable checkpoints, and a run directory people can read.
 
-One loop serves LoRA and full fine-tuning (the paper's baseline); only what is trainable differs.
+One loop serves LoRA and full fine-tuning (the paper's baseline); only what is trainable differs. On
+N processes each step trains on one global batch of N·batch_size rows split across them (see
+``lorakit.sharding``), so N processes with batch b train the same weights as one with N·b; positions in
+an epoch are counted in rows, so a run saved on N processes resumes on M.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import time
@@ -14,26 +18,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
 from lorakit.checkpoint import LoopState, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
-from lorakit.data import IGNORE_INDEX
 from lorakit.errors import UserError
 from lorakit.evaluation import evaluate
+from lorakit.launch import FP16_NEEDS_GPU, check_process_count
 from lorakit.loaders import EvalSet, eval_sets, train_loader
 from lorakit.lora import save_adapter
 from lorakit.models import PreparedModel, prepare_model
+from lorakit.optimization import build_optimizer, float32_trainables, global_mean_loss
 from lorakit.progress import TrainProgress
 from lorakit.recipe import Recipe, save_recipe
 from lorakit.reporting import JsonlLog, peak_memory, plot_curves, record_latest_run, write_json
+from lorakit.sharding import sliced_loader
 from lorakit.tasks import get_task
 from lorakit.tasks.base import Task
 
+logger = logging.getLogger(__name__)
+
 _SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
-_NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight")
 
 
 @dataclass
@@ -42,40 +48,16 @@ class TrainResult:
 
     run_dir: Path
     metrics: dict[str, Any]
-
-
-def task_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str, label_smoothing: float) -> torch.Tensor:
-    """Cross-entropy (with label smoothing) for classes and next tokens, mean squared error for regression.
-
-    Next-token loss counts the target tokens only: prompt positions carry IGNORE_INDEX labels.
-    """
-    if kind == "regression":
-        return F.mse_loss(logits.squeeze(-1).float(), labels.float())
-    if kind == "generation":
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        label_smoothing=label_smoothing,
-    )
-
-
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters only; no weight decay on biases and layer norms."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if name.endswith(_NO_DECAY) else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    main_process: bool = True  # False in the other processes of a multi-process run: they print nothing
 
 
 def _task_type(task: Task) -> str:
     return "CAUSAL_LM" if task.kind == "generation" else "SEQ_CLS"
 
 
-def save_trained(prepared: PreparedModel, model: nn.Module, recipe: Recipe, task: Task, out_dir: Path) -> None:
+def save_trained(
+    prepared: PreparedModel, model: nn.Module, recipe: Recipe, task: Task, out_dir: Path
+) -> None:
     """The LoRA adapter in PEFT's format or, for full fine-tuning, the whole model with its tokenizer."""
     if prepared.lora_config is not None:
         save_adapter(model, out_dir, prepared.lora_config, recipe.model.name_or_path, _task_type(task))
@@ -98,32 +80,75 @@ class _Loop:
 
     def __init__(self, recipe: Recipe, run_dir: Path, accelerator: Accelerator) -> None:
         self.recipe, self.run_dir, self.acc = recipe, run_dir, accelerator
+        t = recipe.train
         self.task = get_task(recipe.task.name, recipe.task.data_dir)
         self.prepared = prepare_model(recipe, self.task)
-        if recipe.train.gradient_checkpointing:
+        if t.mixed_precision != "no":
+            float32_trainables(self.prepared.model)
+        if t.gradient_checkpointing:
             # Non-reentrant checkpointing lets gradients reach LoRA weights even though every input to the
             # checkpointed blocks comes from frozen layers.
-            self.prepared.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.prepared.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         tokenizer = self.prepared.tokenizer
-        self.train_dl = train_loader(recipe, self.task, tokenizer)
+        n = accelerator.num_processes
+        self.global_batch = t.batch_size * n
+        # Rows are ordered and length-grouped at the global batch size, as one process with N·b would.
+        loader = train_loader(_with_batch_size(recipe, self.global_batch), self.task, tokenizer)
+        self.train_dl = sliced_loader(loader, n)
+        batches = self.train_dl.batch_sampler.num_global_batches()
+        if batches == 0:
+            raise UserError(
+                f"fewer training rows than the {n} processes", recipe.where("train.num_processes")
+            )
         self.evals: list[EvalSet] = eval_sets(recipe, self.task, tokenizer)
-        t = recipe.train
-        self.steps_per_epoch = math.ceil(len(self.train_dl) / (t.grad_accum * accelerator.num_processes))
+        self.steps_per_epoch = math.ceil(batches / t.grad_accum)
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
-        warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * self.total_steps)
+        warmup = (
+            t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * self.total_steps)
+        )
         from transformers import get_scheduler
 
         optimizer = build_optimizer(self.prepared.model, t.lr, t.weight_decay)
         # The scheduler stays outside accelerator.prepare: prepared, it would step once per process.
         self.scheduler = get_scheduler(_SCHEDULERS[t.scheduler], optimizer, warmup, self.total_steps)
-        self.model, self.optimizer, self.train_dl = accelerator.prepare(self.prepared.model, optimizer, self.train_dl)
+        _deepspeed_micro_batch(accelerator, t.batch_size)
+        self.model, self.optimizer, self.train_dl = accelerator.prepare(
+            self.prepared.model, optimizer, self.train_dl
+        )
         for es in self.evals:
             es.loader = accelerator.prepare(es.loader)
-        self.state = LoopState()
+        self.state = LoopState(global_batch_size=self.global_batch)
         self.log = JsonlLog(run_dir) if accelerator.is_main_process else None
 
     def unwrapped(self) -> nn.Module:
         return self.acc.unwrap_model(self.model)
+
+    def batches_done(self) -> int:
+        """Global batches of the current epoch already trained on."""
+        return math.ceil(self.state.samples_in_epoch / self.global_batch)
+
+    def resume_from(self, ckpt: Path) -> None:
+        """Weights, optimizer, scheduler, RNG and position of ``ckpt``, whatever its number of processes."""
+        self.state, rng = load_checkpoint(ckpt, self.unwrapped(), self.optimizer, self.scheduler)
+        # Dropout draws from the global generator; dataloaders have their own (see lorakit.data), so
+        # restoring it here puts the next step exactly where the uninterrupted run was.
+        restore_rng(rng)
+        if self.state.global_batch_size != self.global_batch:
+            # Rows are grouped into batches at the global size, so another size orders the epoch differently.
+            logger.warning(
+                "%s was trained with global batches of %d rows and resumes with %d: the rest of epoch %d "
+                "skips about, not exactly, the rows already seen",
+                ckpt,
+                self.state.global_batch_size,
+                self.global_batch,
+                self.state.epoch,
+            )
+            self.state.global_batch_size = self.global_batch
+        if self.batches_done() >= len(self.train_dl):  # saved on an epoch's last batch
+            self.state.epoch += 1
+            self.state.samples_in_epoch = 0
 
     def evaluate_and_keep_best(self) -> dict[str, float]:
         metrics, _ = evaluate(
@@ -148,7 +173,21 @@ class _Loop:
         self.acc.wait_for_everyone()
 
 
-def _run_dir_for(recipe: Recipe, resume: bool) -> Path:
+def _with_batch_size(recipe: Recipe, batch_size: int) -> Recipe:
+    return recipe.model_copy(update={"train": recipe.train.model_copy(update={"batch_size": batch_size})})
+
+
+def _deepspeed_micro_batch(accelerator: Accelerator, batch_size: int) -> None:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    config = getattr(plugin, "deepspeed_config", None)
+    if isinstance(config, dict) and config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        # Accelerate reads "auto" off the dataloader's batch_size, which a batch sampler leaves unset.
+        config["train_micro_batch_size_per_gpu"] = batch_size
+
+
+def run_dir_for(recipe: Recipe, resume: bool) -> Path:
+    """The run directory of ``recipe``; a UserError when resuming finds no checkpoint there, or a fresh
+    run finds another run there."""
     run_dir = Path(recipe.output_dir)
     if resume:
         if latest_checkpoint(run_dir) is None:
@@ -161,10 +200,23 @@ def _run_dir_for(recipe: Recipe, resume: bool) -> Path:
     return run_dir
 
 
+def _quiet_libraries() -> None:
+    # The other processes of a multi-process run would repeat every library warning the main one shows.
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    datasets.utils.logging.set_verbosity_error()
+    logging.getLogger("lorakit").setLevel(logging.ERROR)
+
+
 def train(recipe: Recipe, resume: bool = False) -> TrainResult:
-    """Train ``recipe`` into its output directory; with ``resume``, continue from the last checkpoint."""
+    """Train ``recipe`` into its output directory; with ``resume``, continue from the last checkpoint.
+
+    Under a launcher (see ``lorakit.launch``) every process calls this; only the main one writes files.
+    """
     t = recipe.train
-    run_dir = _run_dir_for(recipe, resume)
+    run_dir = run_dir_for(recipe, resume)
     set_seed(t.seed)
     acc = Accelerator(
         mixed_precision=t.mixed_precision,
@@ -172,6 +224,15 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
         log_with="tensorboard",
         project_dir=str(run_dir / "logs"),
     )
+    check_process_count(recipe, acc.num_processes)
+    if t.mixed_precision == "fp16" and acc.device.type == "cpu":
+        raise UserError(FP16_NEEDS_GPU, recipe.where("train.mixed_precision"))
+    if acc.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # the peak in metrics.json is this run's alone
+    if not acc.is_main_process:
+        _quiet_libraries()
+    # Every process has looked at the output directory before the main one starts filling it.
+    acc.wait_for_everyone()
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.yaml")
@@ -179,14 +240,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     acc.init_trackers("tensorboard")
     loop = _Loop(recipe, run_dir, acc)
     if resume:
-        ckpt = latest_checkpoint(run_dir)
-        loop.state, rng = load_checkpoint(ckpt, loop.unwrapped(), loop.optimizer, loop.scheduler)
-        # Dropout draws from the global generator; dataloaders have their own (see lorakit.data), so
-        # restoring it here puts the next step exactly where the uninterrupted run was.
-        restore_rng(rng)
-        if loop.state.batches_in_epoch >= len(loop.train_dl):  # saved on an epoch's last batch
-            loop.state.epoch += 1
-            loop.state.batches_in_epoch = 0
+        loop.resume_from(latest_checkpoint(run_dir))
     _train_epochs(loop)
     return _finish(loop)
 
@@ -194,22 +248,22 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
 def _train_epochs(loop: _Loop) -> None:
     """Run optimizer steps until the total is reached."""
     acc, state, t = loop.acc, loop.state, loop.recipe.train
-    model = loop.model
+    model, n = loop.model, acc.num_processes
     params = [p for p in model.parameters() if p.requires_grad]
-    per_batch = t.batch_size * acc.num_processes
     running, running_batches = torch.zeros((), device=acc.device), 0
     model.train()
     with TrainProgress(loop.total_steps, enabled=acc.is_main_process, start=state.step) as progress:
         while state.step < loop.total_steps:
             loop.train_dl.set_epoch(state.epoch)
-            batches = loop.train_dl
-            if state.batches_in_epoch:  # resuming mid-epoch: the same order, minus what was consumed
-                batches = acc.skip_first_batches(loop.train_dl, state.batches_in_epoch)
+            done = loop.batches_done()
+            # Resuming mid-epoch: the same order, minus what was consumed.
+            batches = acc.skip_first_batches(loop.train_dl, done) if done else loop.train_dl
             tick = time.perf_counter()
             for batch in batches:
+                rows = batch["input_ids"].shape[0]  # a shape, known on the host without a device sync
                 with acc.accumulate(model):
                     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-                    loss = task_loss(logits, batch["labels"], loop.task.kind, t.label_smoothing)
+                    loss = global_mean_loss(logits, batch["labels"], loop.task.kind, t.label_smoothing, acc)
                     acc.backward(loss)
                     if acc.sync_gradients and t.max_grad_norm:
                         acc.clip_grad_norm_(params, t.max_grad_norm)
@@ -217,11 +271,14 @@ def _train_epochs(loop: _Loop) -> None:
                     loop.optimizer.zero_grad(set_to_none=True)
                 running += loss.detach()
                 running_batches += 1
-                state.batches_in_epoch += 1
-                state.samples_seen += per_batch
+                done += 1
+                # Every process holds the same number of rows of each global batch (lorakit.sharding).
+                state.samples_in_epoch += rows * n
+                state.samples_seen += rows * n
                 if not acc.sync_gradients:
                     continue
-                loop.scheduler.step()
+                if not loop.optimizer.step_was_skipped:  # fp16 loss scaling skips steps that overflowed
+                    loop.scheduler.step()
                 state.step += 1
                 if state.step % t.log_every == 0 or state.step == loop.total_steps:
                     # The only host synchronisation of the hot loop, once per log interval.
@@ -236,7 +293,9 @@ def _train_epochs(loop: _Loop) -> None:
                     if acc.is_main_process:
                         acc.log({"train/loss": mean_loss, "train/lr": lr}, step=state.step)
                         loop.log.write({"event": "train", **record})
-                    progress.update(state.step, mean_loss, lr, state.samples_seen / max(state.train_seconds, 1e-9))
+                    progress.update(
+                        state.step, mean_loss, lr, state.samples_seen / max(state.train_seconds, 1e-9)
+                    )
                 eval_now = isinstance(t.eval_every, int) and state.step % t.eval_every == 0
                 if eval_now:
                     state.train_seconds += time.perf_counter() - tick
@@ -247,10 +306,10 @@ def _train_epochs(loop: _Loop) -> None:
                 if state.step >= loop.total_steps:
                     break
             state.train_seconds += time.perf_counter() - tick
-            if state.batches_in_epoch < len(loop.train_dl):
+            if done < len(loop.train_dl):
                 break  # max_steps reached mid-epoch; _finish evaluates the final state
             state.epoch += 1
-            state.batches_in_epoch = 0
+            state.samples_in_epoch = 0
             if t.eval_every == "epoch":
                 loop.evaluate_and_keep_best()
                 if not t.save_every:
@@ -266,6 +325,11 @@ def _finish(loop: _Loop) -> TrainResult:
     final = {k: v for k, v in evals[-1].items() if k not in ("epoch",)}
     best = next(h for h in evals if h["step"] == state.best_step)
     counts = loop.prepared.counts
+    memory = peak_memory()
+    if acc.num_processes > 1:
+        # Each process has its own peak; the largest is what one device (or process) must hold.
+        mine = torch.tensor([memory["peak_memory_bytes"]], device=acc.device)
+        memory["peak_memory_bytes"] = int(acc.gather(mine).max().item())
     metrics: dict[str, Any] = {
         "task": task.name,
         "method": loop.recipe.method,
@@ -280,7 +344,8 @@ def _finish(loop: _Loop) -> TrainResult:
         "train_seconds": state.train_seconds,
         "train_samples_per_second": state.samples_seen / max(state.train_seconds, 1e-9),
         "num_processes": acc.num_processes,
-        **peak_memory(),
+        "global_batch_size": loop.global_batch,
+        **memory,
     }
     if acc.is_main_process:
         final_dir = loop.run_dir / "final"
@@ -290,7 +355,7 @@ def _finish(loop: _Loop) -> TrainResult:
         write_json(loop.run_dir / "metrics.json", metrics)
         plot_curves(state.history, task.main_metric, loop.run_dir / "curves.png")
     acc.end_training()
-    return TrainResult(run_dir=loop.run_dir, metrics=metrics)
+    return TrainResult(run_dir=loop.run_dir, metrics=metrics, main_process=acc.is_main_process)
 
 
 def _size_on_disk(path: Path) -> int:

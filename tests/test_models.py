@@ -278,3 +278,27 @@ def test_load_trained_gives_the_trained_outputs(roberta_dir, roberta_tok, tmp_pa
         torch.testing.assert_close(loaded.model(**batch).logits, source.model(**batch).logits)
     with pytest.raises(UserError, match="no trained model here"):
         load_trained(tmp_path, recipe(roberta_dir, "mnli", roberta_tok), get_task("mnli"))
+
+
+def test_bad_target_fails_before_weights_are_read(roberta_dir, roberta_tok, monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were read before the recipe's targets were checked")
+
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", refuse)
+    r = recipe(roberta_dir, "sst2", roberta_tok, lora={"target_modules": ["FAKE"]})
+    with pytest.raises(UserError, match=r"lora\.target_modules"):
+        prepare_model(r, get_task("sst2"))
+
+
+def test_init_from_needs_lora(roberta_dir, roberta_tok, tmp_path):
+    r = recipe(roberta_dir, "sst2", roberta_tok, method="full", lora={"init_from": str(tmp_path)})
+    with pytest.raises(UserError, match=r"^recipe\.yaml: lora\.init_from: .*needs method: lora"):
+        prepare_model(r, get_task("sst2"))
+
+
+def test_model_dir_without_tokenizer_files(roberta_dir):
+    # transformers would quietly build a tokenizer of special tokens only from this directory.
+    with pytest.raises(UserError, match=r"^recipe\.yaml: model\.name_or_path: no tokenizer files"):
+        prepare_model(recipe(roberta_dir, "sst2"), get_task("sst2"))

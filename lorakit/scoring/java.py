@@ -48,7 +48,9 @@ def coco_resource(*parts: str) -> Path:
     """A file shipped in the ``pycocoevalcap`` package, e.g. ``coco_resource("meteor", "meteor-1.5.jar")``."""
     spec = importlib.util.find_spec("pycocoevalcap")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("E2E scoring needs the `pycocoevalcap` package: pip install 'lorakit[nlg]' (pycocoevalcap==1.2)")
+        raise UserError(
+            "E2E scoring needs the `pycocoevalcap` package: pip install 'lorakit[nlg]' (pycocoevalcap==1.2)"
+        )
     for root in spec.submodule_search_locations:
         path = Path(root, *parts)
         if path.is_file():
