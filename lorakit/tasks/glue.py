@@ -9,12 +9,12 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import f1_score, matthews_corrcoef
+
+if TYPE_CHECKING:  # datasets, scipy and scikit-learn are imported where used: `lorakit info` needs none
+    import datasets
 
 from lorakit.errors import UserError
 from lorakit.tasks.base import Task, TaskKind
@@ -121,6 +121,8 @@ class GlueTask(Task):
             self.eval_splits = {"matched": "validation_matched", "mismatched": "validation_mismatched"}
         else:
             self.eval_splits = {"": "validation"}
+        import datasets
+
         self.features = datasets.Features(
             {
                 "text_a": datasets.Value("string"),
@@ -151,6 +153,8 @@ class GlueTask(Task):
             columns = self._read_cola_tsv(path)
         else:
             columns = self._read_tsv(path)
+        import datasets
+
         return datasets.Dataset.from_dict(columns, features=self.features)
 
     def compute_metrics(self, predictions: Sequence[Any], examples: datasets.Dataset) -> dict[str, float]:
@@ -164,8 +168,8 @@ class GlueTask(Task):
             raise ValueError(f"{preds.shape[0] if preds.ndim else 0} predictions for {len(refs)} examples")
         if self.kind == "regression":
             return {
-                "pearson": _correlation(pearsonr, preds, refs),
-                "spearman": _correlation(spearmanr, preds, refs),
+                "pearson": _correlation("pearsonr", preds, refs),
+                "spearman": _correlation("spearmanr", preds, refs),
             }
         preds = preds.astype(np.int64)
         refs = refs.astype(np.int64)
@@ -173,12 +177,16 @@ class GlueTask(Task):
             return {"matthews_correlation": _mcc(preds, refs)}
         result = {"accuracy": 100.0 * float(np.mean(preds == refs)) if len(refs) else 0.0}
         if self.name in ("mrpc", "qqp"):
+            from sklearn.metrics import f1_score
+
             result["f1"] = 100.0 * float(f1_score(refs, preds, pos_label=1, zero_division=0.0))
         return result
 
     # -- sources -------------------------------------------------------------------------------------
 
     def _load_hub(self, split: str) -> datasets.Dataset:
+        import datasets
+
         raw = datasets.load_dataset(HUB_ID, self.name, split=split)
         col_a, col_b = self._spec.hub_columns
 
@@ -317,15 +325,20 @@ def _mcc(preds: np.ndarray, refs: np.ndarray) -> float:
     with warnings.catch_warnings():
         # sklearn warns when only one class occurs; MCC is then undefined and it returns 0, as we want.
         warnings.simplefilter("ignore")
+        from sklearn.metrics import matthews_corrcoef
+
         return 100.0 * float(matthews_corrcoef(refs, preds))
 
 
-def _correlation(fn: Any, preds: np.ndarray, refs: np.ndarray) -> float:
+def _correlation(name: str, preds: np.ndarray, refs: np.ndarray) -> float:
     # A correlation is undefined for fewer than two points or a constant input (scipy gives nan and a
     # warning). Report 0.0 then: an early, collapsed regressor should score as "no correlation", and a
     # nan would break best-checkpoint comparisons.
     if len(refs) < 2:
         return 0.0
+    import scipy.stats
+
+    fn = getattr(scipy.stats, name)  # pearsonr or spearmanr
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         value = float(fn(preds.astype(np.float64), refs.astype(np.float64))[0])
