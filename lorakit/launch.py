@@ -40,6 +40,10 @@ _LAUNCHER_VARIABLES = (
 )
 _WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
+FP16_NEEDS_GPU = (
+    "fp16 mixed precision needs a GPU: on the CPU Accelerate would silently train in float32; use bf16 or no"
+)
+
 
 def inside_launched_process() -> bool:
     """Whether this process was started by a launcher (accelerate launch, torchrun, mpirun)."""
@@ -130,11 +134,6 @@ def launch(recipe: Recipe, train_argv: Sequence[str], resume: bool) -> int:
             else:
                 os.environ[key] = value
     return 0
-
-
-FP16_NEEDS_GPU = (
-    "fp16 mixed precision needs a GPU: on the CPU Accelerate would silently train in float32; use bf16 or no"
-)
 
 
 def check_process_count(recipe: Recipe, num_processes: int) -> None:

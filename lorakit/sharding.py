@@ -62,12 +62,20 @@ class ProcessSlices(Sampler[list[int]]):
         return self.num_global_batches() * self.num_processes
 
 
-def sliced_loader(loader: DataLoader, num_processes: int) -> DataLoader:
+def sliced_loader(loader: DataLoader, num_processes: int, pin_memory: bool = False) -> DataLoader:
     """``loader`` (batches of the global size, from an index sampler) re-cut into ``ProcessSlices``,
-    ready for ``accelerator.prepare``: each process then iterates its slice of every global batch."""
+    ready for ``accelerator.prepare``: each process then iterates its slice of every global batch.
+
+    ``pin_memory`` (for a GPU) lets the copy of each batch to the device run without waiting for the
+    steps already queued there.
+    """
     if loader.batch_size is None:
         raise ValueError("sliced_loader needs a loader built with batch_size and a sampler")
     slices = ProcessSlices(loader.sampler, loader.batch_size, num_processes)
-    kwargs: dict[str, Any] = {"collate_fn": loader.collate_fn, "num_workers": loader.num_workers}
+    kwargs: dict[str, Any] = {
+        "collate_fn": loader.collate_fn,
+        "num_workers": loader.num_workers,
+        "pin_memory": pin_memory,
+    }
     # Keep the loader's own generator: a fresh iterator would otherwise draw from torch's global one.
     return DataLoader(loader.dataset, batch_sampler=slices, generator=loader.generator, **kwargs)

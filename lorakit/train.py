@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 
 from lorakit.checkpoint import LoopState, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
@@ -86,17 +86,13 @@ class _Loop:
         if t.mixed_precision != "no":
             float32_trainables(self.prepared.model)
         if t.gradient_checkpointing:
-            # Non-reentrant checkpointing lets gradients reach LoRA weights even though every input to the
-            # checkpointed blocks comes from frozen layers.
-            self.prepared.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            enable_gradient_checkpointing(self.prepared.model)
         tokenizer = self.prepared.tokenizer
         n = accelerator.num_processes
         self.global_batch = t.batch_size * n
         # Rows are ordered and length-grouped at the global batch size, as one process with N·b would.
         loader = train_loader(_with_batch_size(recipe, self.global_batch), self.task, tokenizer)
-        self.train_dl = sliced_loader(loader, n)
+        self.train_dl = sliced_loader(loader, n, pin_memory=accelerator.device.type == "cuda")
         batches = self.train_dl.batch_sampler.num_global_batches()
         if batches == 0:
             raise UserError(
@@ -173,6 +169,20 @@ class _Loop:
         self.acc.wait_for_everyone()
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in the backward pass instead of keeping them.
+
+    Non-reentrant checkpointing: the reentrant kind passes gradients only through blocks whose inputs
+    require them, and with LoRA every block input comes from frozen layers, so LoRA weights would get
+    none unless the embeddings' output were made to require a gradient it does not need.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _with_batch_size(recipe: Recipe, batch_size: int) -> Recipe:
     return recipe.model_copy(update={"train": recipe.train.model_copy(update={"batch_size": batch_size})})
 
@@ -221,6 +231,8 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     acc = Accelerator(
         mixed_precision=t.mixed_precision,
         gradient_accumulation_steps=t.grad_accum,
+        # Pinned training batches reach the GPU without the host waiting for queued steps to finish.
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
         log_with="tensorboard",
         project_dir=str(run_dir / "logs"),
     )

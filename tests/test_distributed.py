@@ -1,0 +1,370 @@
+"""Several processes on the CPU (gloo), launched as users launch them: ``lorakit train --num-processes 2``.
+
+The central claim: with the same seed, N processes with batch b train the same adapter as one process
+with batch N·b (to float tolerance), evaluate every example once, and a checkpoint written by either
+resumes on the other. Shown on a tiny RoBERTa without dropout and 60 real SST-2 rows (the last global
+batch of each epoch is a partial one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lorakit.cli import main
+from lorakit.launch import _LAUNCHER_VARIABLES, launch_arguments, needs_launch
+from lorakit.optimization import global_mean_loss, task_loss
+from lorakit.recipe import recipe_from_dict
+from lorakit.sharding import ProcessSlices
+
+REPO = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-5
+BATCH = 4  # per process with 2 processes; one process gets 2 * BATCH
+# 60 rows make 8 global batches an epoch (the last of 4 rows). The first runs stop at step 10, inside
+# the second epoch, after the partial batch; the resumed ones go on to step 12.
+FIRST, TOTAL = 10, 12
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Slicing global batches
+
+
+def _orders(slices: ProcessSlices) -> list[list[list[int]]]:
+    """Per process, the batches Accelerate's default sharding (batch k goes to process k % N) hands it."""
+    batches = list(slices)
+    n = slices.num_processes
+    return [batches[i::n] for i in range(n)]
+
+
+@pytest.mark.parametrize(("rows", "g", "n"), [(60, 8, 2), (64, 8, 4), (61, 8, 2), (9, 6, 3)])
+def test_each_step_of_n_processes_holds_one_global_batch_in_equal_slices(rows: int, g: int, n: int) -> None:
+    order = list(torch.randperm(rows, generator=torch.Generator().manual_seed(rows)).tolist())
+    slices = ProcessSlices(order, global_batch_size=g, num_processes=n)
+    per_process = _orders(slices)
+    steps = list(zip(*per_process, strict=True))
+    assert len(steps) == slices.num_global_batches() == len(slices) // n
+    globals_ = list(slices.global_batches())
+    for step, global_batch in zip(steps, globals_, strict=True):
+        assert len({len(part) for part in step}) == 1  # equal slices: DDP's mean of means is the global mean
+        assert [i for part in step for i in part] == global_batch
+    used = [i for batch in globals_ for i in batch]
+    # Full global batches are whole; only a partial last batch loses its remainder modulo n.
+    assert used == order[: len(used)] and len(order) - len(used) == (rows % g) % n
+
+
+def test_one_process_gets_the_global_batches_unsliced() -> None:
+    slices = ProcessSlices(list(range(10)), global_batch_size=4, num_processes=1)
+    assert list(slices) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_set_epoch_reaches_the_index_sampler() -> None:
+    from lorakit.data import EpochShuffleSampler
+
+    sampler = EpochShuffleSampler(12, seed=3)
+    slices = ProcessSlices(sampler, global_batch_size=4, num_processes=2)
+    first = list(slices)
+    slices.set_epoch(1)
+    assert list(slices) != first and sampler.epoch == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loss each process contributes
+
+
+def test_token_losses_are_weighted_alike_across_processes_with_unequal_token_counts() -> None:
+    """Two processes' next-token losses, averaged as DDP averages gradients, give the gradient of the
+    one-process loss over both halves; the per-process token means (what a plain mean does) do not."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 7, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (4, 7))
+    labels[0, :5] = -100  # the first half holds far fewer target tokens than the second
+    labels[1, :6] = -100
+    whole = torch.autograd.grad(task_loss(logits, labels, "generation", 0.1), logits)[0]
+    tokens = float((labels[:, 1:] != -100).sum())
+    fake = SimpleNamespace(num_processes=2, reduce=lambda t, how: torch.tensor(tokens))
+    halves = [
+        global_mean_loss(logits[s], labels[s], "generation", 0.1, fake) for s in (slice(0, 2), slice(2, 4))
+    ]
+    ddp = sum(torch.autograd.grad(h, logits)[0] for h in halves) / 2
+    torch.testing.assert_close(ddp, whole, rtol=1e-5, atol=1e-7)
+    plain = [task_loss(logits[s], labels[s], "generation", 0.1) for s in (slice(0, 2), slice(2, 4))]
+    naive = sum(torch.autograd.grad(h, logits)[0] for h in plain) / 2
+    assert (naive - whole).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DDP's requirement: every trainable parameter gets a gradient
+
+
+def _gpt2_classifier():
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    cfg = GPT2Config(vocab_size=120, n_embd=32, n_layer=2, n_head=4, n_positions=80, pad_token_id=0)
+    return GPT2ForSequenceClassification(cfg)
+
+
+@pytest.mark.parametrize("arch", ["roberta", "bert", "deberta", "gpt2-classifier", "gpt2-lm"])
+def test_every_trainable_parameter_gets_a_gradient(arch: str) -> None:
+    """DDP (find_unused_parameters=False, Accelerate's default) fails on a trainable parameter left without
+    a gradient: the task heads, DeBERTa's trained pooler, and biases with ``bias: all`` all take part."""
+    from conftest import tiny_bert, tiny_deberta, tiny_gpt2, tiny_roberta
+
+    from lorakit.models import apply_lora
+    from lorakit.tasks import get_task
+
+    make = {
+        "roberta": tiny_roberta,
+        "bert": tiny_bert,
+        "deberta": tiny_deberta,
+        "gpt2-classifier": _gpt2_classifier,
+        "gpt2-lm": tiny_gpt2,
+    }[arch]
+    task = "e2e" if arch == "gpt2-lm" else "sst2"
+    model = make()
+    apply_lora(recipe_from_dict({"task": {"name": task}, "lora": {"bias": "all"}}), model, get_task(task))
+    model.train()
+    ids = torch.randint(3, 120, (2, 9), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float().square().mean().backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.endswith("pooler.dense.weight") for n in trainable) == (arch == "deberta")
+    assert [n for n, p in trainable.items() if p.grad is None] == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launching
+
+
+def _recipe(tmp_path: Path, **train) -> object:
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"train": train}))
+    from lorakit.recipe import load_recipe
+
+    return load_recipe(path)
+
+
+def test_launch_runs_accelerate_launch_with_the_same_train_arguments(tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, num_processes=3, mixed_precision="bf16")
+    args, env = launch_arguments(recipe, ["train", "r.yaml", "--set", "train.lr=0.1"])
+    assert args[:3] == ["--multi_gpu", "--num_processes", "3"]
+    assert args[args.index("--mixed_precision") + 1] == "bf16"
+    assert args[-6:] == ["-m", "lorakit", "train", "r.yaml", "--set", "train.lr=0.1"]
+    # Without a GPU the processes are CPU processes that talk over gloo.
+    assert (env.get("ACCELERATE_USE_CPU") == "true") == (not torch.cuda.is_available())
+
+    config = tmp_path / "fsdp.yaml"
+    config.write_text("distributed_type: FSDP\n")
+    args, env = launch_arguments(_recipe(tmp_path, distributed=str(config)), ["train", "r.yaml"])
+    assert args[:2] == ["--config_file", str(config)] and "--multi_gpu" not in args
+    assert "--num_processes" not in args and env == {}  # the file decides
+
+
+def test_a_launched_process_never_launches_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in _LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    recipe = _recipe(tmp_path, num_processes=2)
+    assert needs_launch(recipe) and not needs_launch(_recipe(tmp_path, num_processes=1))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert not needs_launch(recipe)
+
+
+def test_processes_that_accelerate_does_not_join_up_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchrun without ACCELERATE_USE_CPU on a machine without a GPU: every process would train alone."""
+    from lorakit.errors import UserError
+    from lorakit.launch import check_process_count
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="ACCELERATE_USE_CPU"):
+        check_process_count(_recipe(tmp_path), 1)
+    check_process_count(_recipe(tmp_path), 2)  # joined up: fine
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End to end: 2 processes against 1 with the doubled batch, and resuming across process counts
+
+
+@pytest.fixture(scope="module")
+def no_dropout_roberta(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    """A tiny RoBERTa without dropout (processes draw their own dropout masks) and the real tokenizer."""
+    from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
+
+    out = tmp_path_factory.mktemp("tiny-roberta-no-dropout")
+    torch.manual_seed(0)
+    cfg = RobertaConfig(
+        vocab_size=50265,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=130,
+        type_vocab_size=1,
+        pad_token_id=1,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    RobertaForSequenceClassification(cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "roberta-base").save_pretrained(out)
+    return out
+
+
+def _write_recipe(path: Path, model_dir: Path, data_dir: Path, out: Path, processes: int, steps: int) -> Path:
+    recipe = {
+        "model": {"name_or_path": str(model_dir)},
+        # 60 rows: global batches of 8 leave a partial last batch of 4 each epoch. 37 evaluation rows in
+        # batches of 8 leave the second process a short last batch, padded by Accelerate and dropped again.
+        "task": {
+            "name": "sst2",
+            "data_dir": str(data_dir),
+            "max_length": 64,
+            "max_train_samples": 60,
+            "max_eval_samples": 37,
+        },
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {
+            "max_steps": steps,
+            "batch_size": BATCH * 2 // processes,
+            "num_processes": processes,
+            "eval_batch_size": 8,
+            "lr": 2e-3,
+            "log_every": 2,
+            "save_every": FIRST,
+            "eval_every": FIRST,
+            # A constant rate: a run stopped at step 4 and resumed to 8 follows the same schedule.
+            "scheduler": "constant",
+            "warmup_steps": 0,
+        },
+        "output_dir": str(out),
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _two_processes(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in (*_LAUNCHER_VARIABLES, "RANK")}
+    env["OMP_NUM_THREADS"] = "1"  # two processes on a small CI machine
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", "train", *args, "--num-processes", "2"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _one_process(*args: str) -> None:
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    assert main(["train", *args]) == 0
+
+
+def _run(path: Path) -> dict:
+    return {
+        "adapter": load_file(path / "final" / "adapter_model.safetensors"),
+        "metrics": json.loads((path / "metrics.json").read_text()),
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, no_dropout_roberta: Path, shared_data: Path) -> dict:
+    """Five runs: one and two processes for FIRST steps, one process straight to TOTAL steps, and each
+    FIRST-step run resumed to TOTAL steps on the other number of processes."""
+    root = tmp_path_factory.mktemp("distributed")
+    data = shared_data / "glue" / "SST-2"
+    out: dict = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORAKIT_HOME", str(root / "home"))
+        for name, processes, steps in (("one", 1, FIRST), ("two", 2, FIRST), ("straight", 1, TOTAL)):
+            recipe = _write_recipe(
+                root / f"{name}.yaml", no_dropout_roberta, data, root / name, processes, steps
+            )
+            if processes == 2:
+                done = _two_processes(str(recipe))
+                assert done.returncode == 0, done.stderr[-3000:]
+                out["launch_line"] = next(
+                    line for line in done.stderr.splitlines() if "accelerate launch" in line
+                )
+            else:
+                _one_process(str(recipe))
+            out[name] = _run(root / name)
+        # Resume a copy of each 4-step run on the other number of processes (keeping the global batch).
+        for name, other in (("two", "one"), ("one", "two")):
+            shutil.copytree(root / name, root / f"{name}-resumed")
+            args = [
+                str(root / f"{name}.yaml"),
+                "--resume",
+                "--output-dir",
+                str(root / f"{name}-resumed"),
+                "--set",
+                f"train.max_steps={TOTAL}",
+                "--set",
+                f"train.batch_size={BATCH * (2 if other == 'one' else 1)}",
+            ]
+            if other == "two":
+                done = _two_processes(*args)
+                assert done.returncode == 0, done.stderr[-3000:]
+            else:
+                _one_process(*args, "--set", "train.num_processes=1")
+            out[f"{name}-resumed"] = _run(root / f"{name}-resumed")
+    return out
+
+
+def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_two_processes_with_batch_b_train_the_adapter_of_one_process_with_batch_2b(runs: dict) -> None:
+    assert "--multi_gpu --num_processes 2" in runs["launch_line"]
+    one, two = runs["one"], runs["two"]
+    assert two["metrics"]["num_processes"] == 2 and one["metrics"]["num_processes"] == 1
+    # Trained at all (LoRA B starts at zero), and trained alike.
+    assert max(v.abs().max().item() for k, v in one["adapter"].items() if "lora_B" in k) > 1e-3
+    assert _max_difference(one["adapter"], two["adapter"]) <= TOLERANCE
+    # Every process saw its own share: 7 global batches of 8 rows, 1 of 4, then 2 of 8; not 8 rows each.
+    assert one["metrics"]["train_samples"] == two["metrics"]["train_samples"] == 7 * 8 + 4 + 2 * 8
+    for key in ("final", "best", "eval_examples", "global_batch_size"):
+        assert one["metrics"][key] == two["metrics"][key], key
+    assert two["metrics"]["eval_examples"] == {"validation": 37}
+    losses = [[h["loss"] for h in run["metrics"]["history"] if "loss" in h] for run in (one, two)]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
+@pytest.mark.parametrize("written_by", ["two", "one"])
+def test_a_checkpoint_resumes_on_another_number_of_processes(runs: dict, written_by: str) -> None:
+    resumed, straight = runs[f"{written_by}-resumed"], runs["straight"]
+    assert resumed["metrics"]["num_processes"] == (1 if written_by == "two" else 2)
+    assert _max_difference(resumed["adapter"], straight["adapter"]) <= TOLERANCE
+    # The resumed run took up where it stopped: two more global batches of the second epoch.
+    assert resumed["metrics"]["train_samples"] == straight["metrics"]["train_samples"] == 60 + 4 * 8
+    assert resumed["metrics"]["final"] == straight["metrics"]["final"]
+    # Not vacuous: the last two steps moved the adapter.
+    assert _max_difference(runs[written_by]["adapter"], straight["adapter"]) > 100 * TOLERANCE
+
+
+def test_a_failed_process_gives_its_exit_status(
+    tmp_path: Path, no_dropout_roberta: Path, shared_data: Path
+) -> None:
+    """A model directory without a tokenizer: a recipe error that only the launched processes meet."""
+    broken = tmp_path / "model"
+    broken.mkdir()
+    shutil.copy(no_dropout_roberta / "config.json", broken / "config.json")
+    recipe = _write_recipe(
+        tmp_path / "r.yaml", broken, shared_data / "glue" / "SST-2", tmp_path / "run", 2, 2
+    )
+    done = _two_processes(str(recipe))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "model.name_or_path" in done.stderr
