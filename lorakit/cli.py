@@ -121,7 +121,9 @@ def info(recipe: Annotated[Path, typer.Argument(help="The YAML recipe.")], set_:
 @app.command("import-loralib")
 def import_loralib(
     checkpoint: Annotated[Path, typer.Argument(help="A loralib .bin/.pt checkpoint (LoRA authors' format).")],
-    recipe: Annotated[Path, typer.Option("--recipe", help="The recipe it was trained with (model, r, alpha).")],
+    recipe: Annotated[
+        Path, typer.Option("--recipe", help="The recipe it was trained with (model, r, alpha).")
+    ],
     out: Annotated[Path, typer.Option("--out", help="Directory for the PEFT-format adapter.")],
 ) -> None:
     """Convert a loralib checkpoint into a PEFT-format adapter directory that eval and merge accept."""
@@ -153,6 +155,47 @@ def score_e2e(
         if not path.is_file():
             raise UserError("file not found", where=str(path))
     print(json.dumps(score_e2e_files(predictions, references), indent=2))
+
+
+@app.command()
+def generate(
+    model_dir: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="RUN_DIR",
+            help="A run directory or a merged model (lorakit merge); default: the latest run.",
+        ),
+    ] = None,
+    input_: Annotated[
+        str, typer.Option("--input", help="A text, or a file with one input per line ('-': standard input).")
+    ] = ...,  # type: ignore[assignment]
+    recipe: Annotated[
+        Path | None,
+        typer.Option("--recipe", help="For a merged model: the recipe giving its task and decoding."),
+    ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option("--task", help="Prompt template: e2e, wikisql or none (default: the recipe's)."),
+    ] = None,
+    num_beams: Annotated[
+        int | None, typer.Option("--num-beams", min=1, help="Beams (default: the recipe's).")
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option("--max-new-tokens", min=1, help="Longest output, in tokens.")
+    ] = None,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Greedy decoding (one beam).")] = False,
+) -> None:
+    """Generate with a trained adapter, unmerged or merged; prints one output per input line."""
+    from lorakit.generate import generate as run_generation
+    from lorakit.generate import latest_model_dir
+
+    if model_dir is None:
+        model_dir = latest_model_dir()
+        # On stderr: stdout holds the outputs only, one a line.
+        Console(stderr=True).print(f"[dim]using the latest run: {model_dir}[/dim]")
+    outputs = run_generation(model_dir, input_, recipe, task, num_beams, max_new_tokens, greedy)
+    for text in outputs:
+        print(text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,47 @@ def predict_labels(model: nn.Module, loader: DataLoader, task: Task, accelerator
     return torch.cat(out).cpu().tolist() if out else []
 
 
+class _GeneratedNoRepeatNGram:
+    """Bans a token that would repeat an n-gram of the generated text, ignoring the prompt.
+
+    transformers' ``no_repeat_ngram_size`` also counts the prompt's n-grams for decoder-only models, so an
+    E2E name of four tokens or a WikiSQL column could never be copied from the prompt. The LoRA authors'
+    beam search (microsoft/LoRA ``examples/NLG/src/gpt2_beam.py``) bans n-grams of the generated tokens
+    only; this does the same. Prompts are left-padded to one width, so the continuation starts at one
+    column for every row.
+    """
+
+    def __init__(self, ngram_size: int, prompt_width: int) -> None:
+        from transformers import NoRepeatNGramLogitsProcessor
+
+        self.inner = NoRepeatNGramLogitsProcessor(ngram_size)
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return self.inner(input_ids[:, self.prompt_width :], scores)
+
+
+def _decoding_kwargs(generation: Any, tokenizer: Any, prompt_width: int) -> dict[str, Any]:
+    """``generate`` keyword arguments for the recipe's ``generation`` section."""
+    from transformers import LogitsProcessorList
+
+    kwargs: dict[str, Any] = {
+        "num_beams": generation.num_beams,
+        "do_sample": False,
+        "max_new_tokens": generation.max_new_tokens,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    if generation.num_beams > 1:
+        # Beam-only flags: transformers warns about them on every greedy call.
+        kwargs.update(length_penalty=generation.length_penalty, early_stopping=True)
+    if generation.no_repeat_ngram_size:
+        kwargs["logits_processor"] = LogitsProcessorList(
+            [_GeneratedNoRepeatNGram(generation.no_repeat_ngram_size, prompt_width)]
+        )
+    return kwargs
+
+
 @torch.no_grad()
 def generate_texts(
     model: nn.Module,
@@ -50,30 +91,24 @@ def generate_texts(
     generation: Any,
     accelerator: Accelerator,
 ) -> list[str]:
-    """Decoded continuations of the left-padded prompts in ``loader``, in row order."""
+    """Decoded continuations of the left-padded prompts in ``loader``, in row order, stripped.
+
+    Decoding follows ``generation`` (a recipe's ``generation`` section): beam search with its length
+    penalty, greedy when ``num_beams`` is 1, and ``no_repeat_ngram_size`` over the generated tokens only.
+    """
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
     texts: list[str] = []
     for batch in loader:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         out = unwrapped.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            num_beams=generation.num_beams,
-            do_sample=False,
-            length_penalty=generation.length_penalty,
-            no_repeat_ngram_size=generation.no_repeat_ngram_size or 0,
-            max_new_tokens=generation.max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            early_stopping=True,
+            input_ids=ids, attention_mask=mask, **_decoding_kwargs(generation, tokenizer, ids.shape[1])
         )
         new = out[:, ids.shape[1] :]
         # Pad to a common width so that processes can gather tensors of one shape.
         new = accelerator.pad_across_processes(new, dim=1, pad_index=tokenizer.pad_token_id)
-        texts.extend(
-            t.strip() for t in tokenizer.batch_decode(accelerator.gather_for_metrics(new), skip_special_tokens=True)
-        )
+        decoded = tokenizer.batch_decode(accelerator.gather_for_metrics(new), skip_special_tokens=True)
+        texts.extend(t.strip() for t in decoded)
     return texts
 
 
@@ -96,7 +131,7 @@ def evaluate(
         if len(preds) != len(es.rows):
             # Processes pad the last batches to equal shapes; gathering must drop exactly that padding.
             raise RuntimeError(
-                f"{es.split}: {len(preds)} predictions for {len(es.rows)} rows after gathering across processes"
+                f"{es.split}: {len(preds)} predictions for {len(es.rows)} rows, gathered across processes"
             )
         predictions[es.split] = preds
         for name, value in task.compute_metrics(preds, es.rows).items():
@@ -113,21 +148,40 @@ def _readable(prediction: Any, task: Task) -> Any:
 
 
 def write_predictions(out_dir: Path, split: str, predictions: list[Any], rows: Any, task: Task) -> Path:
-    """``predictions-<split>.jsonl``: one object a row (index, prediction, label name, reference)."""
+    """``predictions-<split>.jsonl``: one object a row (index, prediction, label name, label or
+    references); returns its path.
+
+    For E2E, also the official scorer's files beside it: ``predictions-<split>.txt`` (one output a line)
+    and ``references-<split>.txt`` (each MR's references, a blank line between MRs), so that
+    ``lorakit score e2e`` on them gives the metrics this evaluation reported.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"predictions-{split}.jsonl"
+    has_references = "references" in rows.column_names
     lines = []
     for i, pred in enumerate(predictions):
         record: dict[str, Any] = {"row": i, "prediction": pred, "readable": _readable(pred, task)}
         if "label" in rows.column_names:
             record["label"] = rows[i]["label"]
+        if has_references:
+            record["references"] = list(rows[i]["references"])
         lines.append(json.dumps(record, ensure_ascii=False))
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     tmp.replace(path)
+    if task.name == "e2e":
+        # Imported here: the scorer's module pulls in its Java helpers, which classification never needs.
+        from lorakit.scoring.e2e import write_predictions as write_outputs
+        from lorakit.scoring.e2e import write_references
+
+        write_outputs(out_dir / f"predictions-{split}.txt", [str(p) for p in predictions])
+        write_references(out_dir / f"references-{split}.txt", [list(refs) for refs in rows["references"]])
     return path
 
 
-def evaluate_run(run_dir: Path, split: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+def evaluate_run(
+    run_dir: Path, split: str | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Evaluate a trained run on its task's evaluation splits (or ``split``); writes
     ``RUN_DIR/eval/metrics-<split>.json`` and ``predictions-<split>.jsonl`` and returns the metrics."""
     from lorakit.loaders import eval_sets

@@ -24,7 +24,7 @@ from torch import nn
 
 from lorakit.checkpoint import LoopState, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from lorakit.errors import UserError
-from lorakit.evaluation import evaluate
+from lorakit.evaluation import evaluate, write_predictions
 from lorakit.launch import FP16_NEEDS_GPU, check_process_count
 from lorakit.loaders import EvalSet, eval_sets, train_loader
 from lorakit.lora import save_adapter
@@ -147,7 +147,7 @@ class _Loop:
             self.state.samples_in_epoch = 0
 
     def evaluate_and_keep_best(self) -> dict[str, float]:
-        metrics, _ = evaluate(
+        metrics, predictions = evaluate(
             self.model, self.evals, self.task, self.acc, self.prepared.tokenizer, self.recipe.generation
         )
         record = {"step": self.state.step, "epoch": self.state.epoch, **metrics}
@@ -157,6 +157,11 @@ class _Loop:
             self.state.best_metric, self.state.best_step = main, self.state.step
             if self.acc.is_main_process:
                 save_trained(self.prepared, self.unwrapped(), self.recipe, self.task, self.run_dir)
+                # The saved adapter's outputs, in the official scorer's formats for E2E.
+                for es in self.evals:
+                    write_predictions(
+                        self.run_dir / "eval", es.split, predictions[es.split], es.rows, self.task
+                    )
         if self.acc.is_main_process:
             self.acc.log({f"eval/{k}": v for k, v in metrics.items()}, step=self.state.step)
             self.log.write({"event": "eval", **record})

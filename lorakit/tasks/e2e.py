@@ -119,7 +119,8 @@ class E2ETask(Task):
         references = [list(refs) for refs in examples["references"]]
         if len(predictions) != len(references):
             raise ValueError(f"{len(predictions)} predictions for {len(references)} examples")
-        scores = score_e2e([str(p).strip() for p in predictions], references)
+        # One line per output, as the predictions file holds it, so that `lorakit score e2e` agrees.
+        scores = score_e2e([" ".join(str(p).splitlines()).strip() for p in predictions], references)
         return {key: 100.0 * value if key in _PERCENT else value for key, value in scores.items()}
 
     # -- sources -------------------------------------------------------------------------------------
