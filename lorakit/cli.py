@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     # Library progress bars (weights loading, dataset mapping) would bury lorakit's own; errors stay.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # transformers' load report ("classifier.weight MISSING": the fresh head lorakit asked for) is noise here.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         # Outside standalone mode Typer returns the exit status of an interrupted or exited command.
         status = app(args=argv, standalone_mode=False)
