@@ -35,6 +35,20 @@ class Task(ABC):
     def __init__(self, data_dir: str | None = None) -> None:
         self.data_dir = data_dir
 
+    @property
+    @abstractmethod
+    def splits(self) -> list[str]:
+        """The split names ``load`` accepts."""
+
+    def check_split(self, split: str) -> None:
+        """Raise a UserError naming the valid splits when ``split`` is not one of them."""
+        if split not in self.splits:
+            from lorakit.errors import UserError
+
+            raise UserError(
+                f"unknown split {split!r} for {self.name}; choose one of {', '.join(self.splits)}"
+            )
+
     @abstractmethod
     def load(self, split: str) -> datasets.Dataset:
         """Rows of ``split`` in this task's column layout, from ``data_dir`` or the hub."""

@@ -89,8 +89,7 @@ class E2ETask(Task):
 
     def load(self, split: str) -> datasets.Dataset:
         """Rows of ``split``: one per MR-reference pair for train, one per MR otherwise (module docstring)."""
-        if split not in _FILES:
-            raise UserError(f"unknown split {split!r} for e2e; choose one of {', '.join(_FILES)}")
+        self.check_split(split)
         pairs = list(self._pairs(split))
         if split == self.train_split:
             return datasets.Dataset.from_dict(

@@ -140,10 +140,7 @@ class GlueTask(Task):
 
     def load(self, split: str) -> datasets.Dataset:
         """Rows of ``split`` from ``data_dir`` (GLUE's files) or, when it is None, from the hub."""
-        if split not in self.splits:
-            raise UserError(
-                f"unknown split {split!r} for {self.name}; choose one of {', '.join(self.splits)}"
-            )
+        self.check_split(split)
         if self.data_dir is None:
             return self._load_hub(split)
         path = self._find_file(split)

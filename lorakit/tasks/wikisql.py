@@ -94,8 +94,7 @@ class WikiSQLTask(Task):
 
     def load(self, split: str) -> datasets.Dataset:
         """Rows of ``split`` (columns in the module docstring), from ``data_dir`` or the hub."""
-        if split not in _STEMS:
-            raise UserError(f"unknown split {split!r} for wikisql; choose one of {', '.join(_STEMS)}")
+        self.check_split(split)
         is_train = split == self.train_split
         if self.data_dir is None:
             records = list(self._hub_records(split, keep_tables=not is_train))
