@@ -122,14 +122,12 @@ def token_batch() -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-@pytest.fixture(scope="session")
-def tiny_roberta_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    """A tiny RoBERTa checkpoint on disk with the real roberta-base tokenizer beside it."""
+def save_tiny_roberta(out: Path, shared_data: Path, **overrides) -> Path:
+    """Save a tiny RoBERTa checkpoint (real roberta-base tokenizer beside it) into ``out``."""
     from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
 
-    out = tmp_path_factory.mktemp("tiny-roberta")
     torch.manual_seed(0)
-    cfg = RobertaConfig(
+    cfg = dict(
         vocab_size=50265,
         hidden_size=32,
         num_hidden_layers=2,
@@ -139,9 +137,15 @@ def tiny_roberta_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path
         type_vocab_size=1,
         pad_token_id=1,
     )
-    RobertaForSequenceClassification(cfg).save_pretrained(out)
+    RobertaForSequenceClassification(RobertaConfig(**{**cfg, **overrides})).save_pretrained(out)
     AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "roberta-base").save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    """A tiny RoBERTa checkpoint on disk with the real roberta-base tokenizer beside it."""
+    return save_tiny_roberta(tmp_path_factory.mktemp("tiny-roberta"), shared_data)
 
 
 @pytest.fixture(autouse=True)

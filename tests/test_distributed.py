@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from conftest import save_tiny_roberta
 from safetensors.torch import load_file
 
 from lorakit.cli import main
@@ -197,25 +198,8 @@ def test_processes_that_accelerate_does_not_join_up_are_refused(
 @pytest.fixture(scope="module")
 def no_dropout_roberta(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
     """A tiny RoBERTa without dropout (processes draw their own dropout masks) and the real tokenizer."""
-    from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
-
     out = tmp_path_factory.mktemp("tiny-roberta-no-dropout")
-    torch.manual_seed(0)
-    cfg = RobertaConfig(
-        vocab_size=50265,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=130,
-        type_vocab_size=1,
-        pad_token_id=1,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    RobertaForSequenceClassification(cfg).save_pretrained(out)
-    AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "roberta-base").save_pretrained(out)
-    return out
+    return save_tiny_roberta(out, shared_data, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def _write_recipe(path: Path, model_dir: Path, data_dir: Path, out: Path, processes: int, steps: int) -> Path:
