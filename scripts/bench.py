@@ -1,0 +1,137 @@
+"""lorakit's benchmarks: LoRA's promises measured against what a user would pick instead, in one run.
+
+    python scripts/bench.py --out benchmarks            # make bench        (under 20 minutes, 2 CPU cores)
+    python scripts/bench.py --quick --out benchmarks    # make bench-quick  (under 3 minutes)
+    python scripts/bench.py --only speed --out DIR      # one section (repeatable; see SECTIONS)
+
+Sections write ``DIR/<section>.json`` (``--quick`` runs write ``DIR/quick/``); ``DIR/RESULTS.md`` and its
+PNG plots are then rendered from every section JSON in DIR, so rerunning one section keeps the others.
+``lr-sweep`` (the learning-rate search the quality section's rates come from) runs only when named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SECTIONS = ("sizes", "speed", "inference", "quality")
+OPTIONAL_SECTIONS = ("lr-sweep",)
+
+
+def _plan(quick: bool) -> dict:
+    """How big each section runs: full (``make bench``) or quick (``make bench-quick``)."""
+    from bench_quality import TaskPlan
+
+    if quick:
+        return {
+            "speed": [("roberta-small", 8, 64, 2), ("gpt2-small4", 4, 64, 2)],
+            "same_process": ("roberta-small", 8, 64, 4),
+            "inference": ("roberta-small", (1, 32), 128, (5, 2)),
+            "quality": [TaskPlan("sst2", "SST-2", 480, 1)],
+            "lr_sweep": (TaskPlan("sst2", "SST-2", 480, 1), 400),
+        }
+    import torch
+
+    # A GPT-2 medium step at 16 × 128 takes over a minute on 2 CPU cores; 4 × 128 keeps the section in
+    # budget there (per-token costs, and so the ratios, barely move with the batch at these sizes).
+    gpt2_rows = 16 if torch.cuda.is_available() else 4
+    return {
+        "speed": [("roberta-base", 16, 128, 5), ("gpt2-medium", gpt2_rows, 128, 5)],
+        "same_process": ("roberta-base", 8, 128, 8),
+        "inference": ("roberta-base", (1, 32), 128, (20, 3)),
+        "quality": [
+            TaskPlan("sst2", "SST-2", 1500, 2),
+            TaskPlan("rte", "RTE", 600, 2),
+            TaskPlan("mrpc", "MRPC", 800, 2),
+            TaskPlan("stsb", "STS-B", 1000, 2),
+        ],
+        "lr_sweep": (TaskPlan("sst2", "SST-2", 1500, 2), 872),
+    }
+
+
+def _lrs(out: Path) -> tuple[dict[str, float], str]:
+    """The quality section's learning rates: the sweep's picks when DIR holds a sweep, else the defaults
+    (which are an earlier sweep's picks)."""
+    from bench_common import read_json
+    from bench_quality import DEFAULT_LR
+
+    for path in (out / "lr-sweep.json", out.parent / "lr-sweep.json"):
+        sweep = read_json(path)
+        if sweep:
+            return dict(sweep["result"]["picks"]), f"picked by {path.name}"
+    return dict(DEFAULT_LR), "defaults (an earlier sweep's picks)"
+
+
+def run_section(name: str, quick: bool, out: Path, data_root: Path) -> dict:
+    """Run one section and return what goes into its JSON."""
+    import bench_quality
+    import bench_sizes
+    import bench_speed
+
+    plan = _plan(quick)
+    if name == "sizes":
+        return bench_sizes.adapter_size_section(quick)
+    if name == "speed":
+        models = [bench_speed.train_step_benchmark(*spec) for spec in plan["speed"]]
+        return {"models": models, "same_process": bench_speed.same_process_ab(*plan["same_process"])}
+    if name == "inference":
+        return bench_speed.inference_benchmark(*plan["inference"])
+    if name == "quality":
+        lrs, source = _lrs(out)
+        return {**bench_quality.quality_section(plan["quality"], data_root, lrs), "lr_source": source}
+    if name == "lr-sweep":
+        task_plan, heldout = plan["lr_sweep"]
+        return bench_quality.lr_sweep_section(task_plan, data_root, heldout)
+    raise ValueError(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="lorakit benchmarks against PEFT and full fine-tuning")
+    parser.add_argument("--quick", action="store_true", help="small models and subsets (under 3 minutes)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks", help="results directory")
+    parser.add_argument(
+        "--only",
+        choices=SECTIONS + OPTIONAL_SECTIONS,
+        action="append",
+        help="run only this section (repeatable)",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=REPO.parent / "shared" / "data" / "glue",
+        help="GLUE folders (SST-2, RTE, MRPC, STS-B)",
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (the budget: 2 CPU cores)")
+    args = parser.parse_args(argv)
+
+    import bench_common
+    import bench_report
+    from bench_common import environment, setup_torch, write_json
+
+    out = args.out / "quick" if args.quick else args.out
+    bench_common.THREADS = args.threads
+    device = setup_torch()
+    for name in args.only or SECTIONS:
+        print(f"[bench] {name}{' (quick)' if args.quick else ''} ...", flush=True)
+        start = time.perf_counter()
+        result = run_section(name, args.quick, out, args.data)
+        seconds = time.perf_counter() - start
+        payload = {
+            "section": name,
+            "quick": args.quick,
+            "seconds": seconds,
+            "environment": environment(device),
+            "result": result,
+        }
+        write_json(out / f"{name}.json", payload)
+        print(f"[bench] {name}: {seconds:.0f} s", flush=True)
+    path = bench_report.render(out)
+    print(f"[bench] wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""What the benchmark sections share: the models they build, the three contenders (lorakit LoRA, PEFT
+LoRA, full fine-tuning), interleaved timing, peak memory, and the JSON they write.
+
+Timing rule for every section: contenders run interleaved (A B C, B C A, C A B, ...) and each figure is
+a median, so a burst of load from another process on the machine falls on all of them alike; ratios
+are taken only between figures from the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402  (after the environment above)
+from torch import nn  # noqa: E402
+
+CONTENDERS = ("lorakit", "peft", "full")
+THREADS = 2  # the CPU budget the benchmarks are specified for; bench.py --threads changes it
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A model built from a config with random weights: no download, same weights for every seed."""
+
+    name: str
+    family: str  # "roberta" (sequence classification) or "gpt2" (causal LM)
+    config: Mapping[str, Any]
+    lorakit_targets: Sequence[str]
+    peft_targets: Sequence[str]
+    peft_rank_factor: int = 1  # PEFT's r = factor · r: see gpt2_medium below
+    heads: Sequence[str] = field(default_factory=tuple)
+
+
+_ROBERTA = dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, num_labels=2)
+_ROBERTA_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+
+ROBERTA_BASE = ModelShape(
+    "roberta-base",
+    "roberta",
+    {**_ROBERTA, **_ROBERTA_BASE},
+    ("query", "value"),
+    ("query", "value"),
+    heads=("classifier",),
+)
+# GPT-2's q|k|v live in one Conv1D, c_attn (1024 → 3072). lorakit adapts the q and v slices with a
+# rank-r pair each: 2·r·(1024 + 1024) parameters a layer. PEFT can only adapt c_attn whole; with the same
+# r that is r·(1024 + 3072): exactly the same count, so PEFT gets r unchanged (factor 1).
+GPT2_MEDIUM = ModelShape(
+    "gpt2-medium", "gpt2", dict(n_embd=1024, n_layer=24, n_head=16), ("c_attn[q,v]",), ("c_attn",)
+)
+# Quick-mode stand-ins: the same architectures, narrow and shallow.
+ROBERTA_SMALL = ModelShape(
+    "roberta-small",
+    "roberta",
+    {
+        **_ROBERTA,
+        "vocab_size": 8000,
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "intermediate_size": 1024,
+    },
+    ("query", "value"),
+    ("query", "value"),
+    heads=("classifier",),
+)
+GPT2_SMALL = ModelShape(
+    "gpt2-small4",
+    "gpt2",
+    dict(n_embd=256, n_layer=4, n_head=4, vocab_size=8000),
+    ("c_attn[q,v]",),
+    ("c_attn",),
+)
+ROBERTA_TINY = ModelShape(
+    "roberta-tiny",
+    "roberta",
+    {
+        **_ROBERTA,
+        "vocab_size": 500,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "max_position_embeddings": 80,
+    },
+    ("query", "value"),
+    ("query", "value"),
+    heads=("classifier",),
+)
+SHAPES = {s.name: s for s in (ROBERTA_BASE, GPT2_MEDIUM, ROBERTA_SMALL, GPT2_SMALL, ROBERTA_TINY)}
+
+
+def setup_torch(threads: int | None = None) -> torch.device:
+    """Pin the thread count (default ``THREADS``) and return the device the benchmarks run on (CUDA when
+    present)."""
+    torch.set_num_threads(threads or THREADS)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_base(shape: ModelShape, seed: int = 0) -> nn.Module:
+    """The model with random weights from ``seed``: every contender starts from the same weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel, RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(seed)
+    if shape.family == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(**shape.config))
+    return RobertaForSequenceClassification(RobertaConfig(**shape.config))
+
+
+def apply_contender(model: nn.Module, shape: ModelShape, contender: str, r: int, alpha: float) -> nn.Module:
+    """``model`` ready to train as ``contender``: lorakit LoRA, PEFT LoRA (same targets, rank, alpha,
+    A init kaiming-uniform and B = 0 as both libraries default to, no LoRA dropout), or full fine-tuning."""
+    if contender == "full":
+        model.requires_grad_(True)
+        return model
+    if contender == "lorakit":
+        from lorakit.lora import LoraConfig, inject_lora, mark_trainable
+
+        config = LoraConfig(r=r, alpha=alpha, target_modules=list(shape.lorakit_targets))
+        inject_lora(model, config)
+        mark_trainable(model, "none", shape.heads)
+        return model
+    if contender == "peft":
+        import peft
+
+        config = peft.LoraConfig(
+            r=r * shape.peft_rank_factor,
+            lora_alpha=alpha * shape.peft_rank_factor,
+            lora_dropout=0.0,
+            target_modules=list(shape.peft_targets),
+            modules_to_save=list(shape.heads) or None,
+            fan_in_fan_out=shape.family == "gpt2",
+        )
+        return peft.get_peft_model(model, config)
+    raise ValueError(f"unknown contender {contender!r}; choose from {CONTENDERS}")
+
+
+def trainable_count(model: nn.Module) -> int:
+    """Parameters the optimizer updates (shared tensors once)."""
+    seen: dict[int, int] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            seen[id(p)] = p.numel()
+    return sum(seen.values())
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued device work, so that a wall-clock difference covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+Timing = tuple[float, float]  # (wall-clock seconds, CPU seconds of this process, all threads)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> Timing:
+    """Wall-clock and process CPU seconds ``fn`` takes, device work included. CPU time does not run
+    while another program holds the cores, so on a shared machine it is the steadier of the two."""
+    sync(device)
+    start, cpu = time.perf_counter(), time.process_time()
+    fn()
+    sync(device)
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def rotations(names: Sequence[str], reps: int) -> list[list[str]]:
+    """``reps`` rounds over ``names``, each round starting one later (A B C, B C A, C A B, ...), so no
+    contender always runs right after the same neighbour."""
+    n = len(names)
+    return [[names[(i + k) % n] for k in range(n)] for i in range(reps)]
+
+
+def interleave(runs: Mapping[str, Callable[[], Timing]], reps: int) -> dict[str, list[Timing]]:
+    """Call every ``runs[name]()`` ``reps`` times, interleaved; their timings by name."""
+    times: dict[str, list[Timing]] = {name: [] for name in runs}
+    for order in rotations(list(runs), reps):
+        for name in order:
+            times[name].append(runs[name]())
+    return times
+
+
+def summarize(timings: Sequence[Timing]) -> dict[str, Any]:
+    """Median and spread of wall-clock times, and the median CPU time."""
+    wall = [t[0] for t in timings]
+    return {
+        "median_s": statistics.median(wall),
+        "min_s": min(wall),
+        "max_s": max(wall),
+        "cpu_median_s": statistics.median(t[1] for t in timings),
+        "reps": len(wall),
+        "times_s": wall,
+        "cpu_times_s": [t[1] for t in timings],
+    }
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size. VmHWM belongs to this process's own address space, so it
+    is not inflated by the parent a spawned worker was forked from, as ru_maxrss can be."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def current_rss_bytes() -> int:
+    """This process's resident set size now (0 where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What the figures were measured on."""
+    import peft
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu})",
+        "device_type": device.type,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON (through a temporary name, so readers never see half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    tmp.replace(path)
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``, or None when it does not exist."""
+    return json.loads(path.read_text()) if path.is_file() else None
