@@ -23,43 +23,16 @@ from rich.console import Console  # noqa: E402  (after the environment above)
 from rich.table import Table  # noqa: E402
 
 from lorakit.info import ACTIVATIONS_NOTE, describe, format_bytes  # noqa: E402
+from lorakit.paper_models import save_paper_config  # noqa: E402
 from lorakit.recipe import recipe_from_dict  # noqa: E402
 
-_ROBERTA = dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1)
-_DEBERTA_XXL = dict(
-    hidden_size=1536,
-    num_hidden_layers=48,
-    num_attention_heads=24,
-    intermediate_size=6144,
-    vocab_size=128100,
-    relative_attention=True,
-    pos_att_type=["p2c", "c2p"],
-    position_buckets=256,
-    max_relative_positions=-1,
-    norm_rel_ebd="layer_norm",
-    share_att_key=True,
-    position_biased_input=False,
-)
-
-# name -> (config class name, config keys, the paper's r, the paper's LoRA figure)
-MODELS = {
-    "roberta-base": ("RobertaConfig", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                           intermediate_size=3072, **_ROBERTA), 8, "0.3M"),
-    "roberta-large": ("RobertaConfig", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                            intermediate_size=4096, **_ROBERTA), 8, "0.8M"),
-    "deberta-v2-xxlarge": ("DebertaV2Config", _DEBERTA_XXL, 16, "4.7M"),
-}  # fmt: skip
+# name -> (the paper's r, the paper's LoRA figure)
+MODELS = {"roberta-base": (8, "0.3M"), "roberta-large": (8, "0.8M"), "deberta-v2-xxlarge": (16, "4.7M")}
 
 
 def write_config_dirs(root: Path) -> dict[str, Path]:
     """One directory per model in ``root``, each holding only ``config.json``."""
-    import transformers
-
-    dirs = {}
-    for name, (config_cls, keys, _, _) in MODELS.items():
-        getattr(transformers, config_cls)(**keys).save_pretrained(root / name)
-        dirs[name] = root / name
-    return dirs
+    return {name: save_paper_config(name, root / name) for name in MODELS}
 
 
 def main() -> int:
@@ -75,7 +48,7 @@ def main() -> int:
         # One untimed run first, so the timings show describe itself, not transformers' lazy imports.
         describe(recipe_from_dict({"model": {"name_or_path": str(dirs["roberta-base"])}}, "warm-up"))
         for name, path in dirs.items():
-            r, paper = MODELS[name][2], MODELS[name][3]
+            r, paper = MODELS[name]
             recipe = recipe_from_dict(
                 {"model": {"name_or_path": str(path)}, "task": {"name": "mnli"}, "lora": {"r": r}}, name
             )

@@ -10,67 +10,17 @@ from rich.console import Console
 
 from lorakit.errors import UserError
 from lorakit.info import collapse_names, describe, render
+from lorakit.paper_models import PAPER_MODELS, save_paper_config
 from lorakit.recipe import recipe_from_dict
-
-ROBERTA = dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1)
-
-
-def _config_dir(root: Path, name: str, config) -> Path:
-    """A model directory holding config.json and nothing else: no weights to read."""
-    path = root / name
-    config.save_pretrained(path)
-    assert [p.name for p in path.iterdir()] == ["config.json"]
-    return path
 
 
 @pytest.fixture(scope="module")
 def paper_dirs(tmp_path_factory) -> dict[str, Path]:
-    from transformers import DebertaV2Config, GPT2Config, RobertaConfig
-
     root = tmp_path_factory.mktemp("configs")
-    return {
-        "roberta-base": _config_dir(
-            root,
-            "roberta-base",
-            RobertaConfig(
-                hidden_size=768,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                intermediate_size=3072,
-                **ROBERTA,
-            ),
-        ),
-        "roberta-large": _config_dir(
-            root,
-            "roberta-large",
-            RobertaConfig(
-                hidden_size=1024,
-                num_hidden_layers=24,
-                num_attention_heads=16,
-                intermediate_size=4096,
-                **ROBERTA,
-            ),
-        ),
-        "deberta-v2-xxlarge": _config_dir(
-            root,
-            "deberta-v2-xxlarge",
-            DebertaV2Config(
-                hidden_size=1536,
-                num_hidden_layers=48,
-                num_attention_heads=24,
-                intermediate_size=6144,
-                vocab_size=128100,
-                relative_attention=True,
-                pos_att_type=["p2c", "c2p"],
-                position_buckets=256,
-                max_relative_positions=-1,
-                norm_rel_ebd="layer_norm",
-                share_att_key=True,
-                position_biased_input=False,
-            ),
-        ),
-        "gpt2-medium": _config_dir(root, "gpt2-medium", GPT2Config(n_embd=1024, n_layer=24, n_head=16)),
-    }
+    dirs = {name: save_paper_config(name, root / name) for name in PAPER_MODELS}
+    for path in dirs.values():
+        assert [p.name for p in path.iterdir()] == ["config.json"]  # no weights to read
+    return dirs
 
 
 def recipe(path: Path, task: str = "mnli", **sections):
