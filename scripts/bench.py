@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     device = setup_torch()
     for name in args.only or SECTIONS:
         print(f"[bench] {name}{' (quick)' if args.quick else ''} ...", flush=True)
+        env = environment(device)  # before the run: its date and load average are the start's
         start = time.perf_counter()
         result = run_section(name, args.quick, out, args.data)
         seconds = time.perf_counter() - start
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             "section": name,
             "quick": args.quick,
             "seconds": seconds,
-            "environment": environment(device),
+            "environment": env,
             "result": result,
         }
         write_json(out / f"{name}.json", payload)

@@ -224,6 +224,14 @@ def _tokenizer() -> Any:
     return _TOKENIZER
 
 
+def _majority(data: Prepared) -> float | None:
+    """Accuracy of always answering the evaluation rows' most common class (None for regression)."""
+    if data.task.kind == "regression":
+        return None
+    labels = np.asarray(data.eval_rows["label"])
+    return 100.0 * float(np.bincount(labels).max()) / max(len(labels), 1)
+
+
 def run_task(
     plan: TaskPlan,
     data_root: Path,
@@ -241,6 +249,7 @@ def run_task(
         "train_rows": len(data.train),
         "eval_rows": len(data.eval_rows),
         "eval_split": f"held-out train rows ({heldout})" if heldout else "dev",
+        "majority_baseline": _majority(data),
         "hyper": asdict(hp),
         "contenders": {},
     }

@@ -16,6 +16,17 @@ NAMES = {
     "full": "full fine-tuning",
     "full_fused": "full fine-tuning, fused AdamW",
 }
+# One colour per contender in every plot.
+COLORS = {
+    "lorakit LoRA": "tab:blue",
+    "PEFT LoRA": "tab:orange",
+    "full fine-tuning": "tab:green",
+    "full fine-tuning, fused AdamW": "tab:red",
+    "base model": "tab:gray",
+    "lorakit unmerged": "tab:blue",
+    "lorakit merged": "tab:cyan",
+    "PEFT unmerged": "tab:orange",
+}
 INFER_NAMES = {
     "base": "base model",
     "lorakit_unmerged": "lorakit unmerged",
@@ -63,15 +74,15 @@ def _plot_bars(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = plt.subplots(figsize=(8.5, 3.6))
     width = 0.8 / max(len(series), 1)
     for i, (label, values) in enumerate(series.items()):
         xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, values, width, label=label)
+        ax.bar(xs, values, width, label=label, color=COLORS.get(label))
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: bars reach the top
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -214,9 +225,9 @@ def _quality(data: dict[str, Any], out: Path) -> list[str]:
     r = data["result"]
     lines = _header(f"Quality: {r['model']} on real GLUE data", data)
     lines += [
-        "| task | train rows × epochs | dev rows | metric | lorakit LoRA | full fine-tuning | PEFT LoRA | "
-        "LoRA − full | train time (lorakit / full / PEFT) |",
-        "|---|---|---:|---|---:|---:|---:|---:|---|",
+        "| task | train rows × epochs | dev rows | metric | majority class | lorakit LoRA | "
+        "full fine-tuning | PEFT LoRA | LoRA − full | train time (lorakit / full / PEFT) |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     groups, series = [], {NAMES[n]: [] for n in ("lorakit", "full", "peft")}
     for t in r["tasks"]:
@@ -227,9 +238,11 @@ def _quality(data: dict[str, Any], out: Path) -> list[str]:
         gap = c["lorakit"]["main"] - c["full"]["main"]
         times = " / ".join(f"{c[n]['train_seconds']:.0f} s" for n in ("lorakit", "full", "peft"))
         scores = " | ".join(f"{c[n]['main']:.1f}" for n in ("lorakit", "full", "peft"))
+        base = t.get("majority_baseline")
+        majority = "—" if base is None else f"{base:.1f}"
         lines.append(
             f"| {t['task']} | {t['train_rows']} × {t['hyper']['epochs']} | {t['eval_rows']} | "
-            f"{t['main_metric']} | {scores} | {gap:+.1f} | {times} |"
+            f"{t['main_metric']} | {majority} | {scores} | {gap:+.1f} | {times} |"
         )
     hp = r["tasks"][0]["hyper"] if r["tasks"] else {}
     first = r["tasks"][0]["contenders"] if r["tasks"] else {}
@@ -244,7 +257,8 @@ def _quality(data: dict[str, Any], out: Path) -> list[str]:
         "LoRA r = 8, alpha = 16 on query and value, with BERT's pooler and classifier (together the "
         "head RoBERTa calls `classifier`) trained, for lorakit and PEFT alike. Trainable parameters: "
         + ", ".join(f"{NAMES[n]} {_count(c['trainable'])}" for n, c in first.items())
-        + ". Train time is wall-clock on a shared machine.",
+        + ". Majority class: the accuracy of always giving the dev set's most common answer; a score near "
+        "it means the model has learnt little yet. Train time is wall-clock on a shared machine.",
         "",
     ]
     _plot_bars(out / "quality.png", "Dev score (main metric)", groups, series, "score")
