@@ -22,18 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.lora.low_rank import is_conv1d, lora_linear
+
 LORA_DTYPE = torch.float32
 
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
     """alpha/r, or alpha/sqrt(r) with rank-stabilised LoRA (Kalajdzievski, 2023)."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """GPT-2's Conv1D (a linear map whose weight is stored (in, out)), recognised without importing
-    transformers: the LoRA core must stay torch-only."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -67,17 +63,6 @@ def _lora_input(x: torch.Tensor, dropout: nn.Module) -> torch.Tensor:
     if x.dtype != LORA_DTYPE and not torch.is_autocast_enabled(x.device.type):
         x = x.to(LORA_DTYPE)
     return x
-
-
-def _add_low_rank(
-    result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_scaled: torch.Tensor
-) -> torch.Tensor:
-    """result + x·Aᵀ·(sB)ᵀ, with the addition fused into the second matmul (one pass over the output)."""
-    ax = F.linear(x, a).reshape(-1, a.shape[0])
-    out2d = result.reshape(-1, result.shape[-1])
-    if out2d.dtype == ax.dtype or torch.is_autocast_enabled(ax.device.type):
-        return torch.addmm(out2d, ax, b_scaled.t()).view(result.shape)
-    return (out2d + (ax @ b_scaled.t()).to(out2d.dtype)).view(result.shape)
 
 
 class _LoraBase(nn.Module, metaclass=ABCMeta):
@@ -150,21 +135,20 @@ class LoraLinear(_LoraBase):
         return delta.t() if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
         if self.merged:
-            return result
-        return _add_low_rank(
-            result, _lora_input(x, self.lora_dropout), self.lora_A, self.lora_B * self.scaling
-        )
+            return self.base_layer(x)
+        lora_x = _lora_input(x, self.lora_dropout)
+        return lora_linear(self.base_layer, x, lora_x, self.lora_A, (self.lora_B,), (0,), self.scaling)
 
 
 class LoraFusedLinear(_LoraBase):
     """LoRA on some slices of a fused projection whose output is ``n`` equal parts (GPT-2 ``c_attn`` =
     q|k|v), as loralib's ``MergedLinear(enable_lora=[True, False, True])``.
 
-    Each adapted slice i has A_i (r, in) and B_i (d, r). The forward pass runs them as one rank n·r
-    product: A_all = [A_i] stacked, B_all block-structured with zeros outside the adapted slices, so the
-    q and v updates of a layer cost two matmuls together, not four.
+    Each adapted slice i has A_i (r, in) and B_i (d, r). The forward pass multiplies the input by the
+    stacked A_all = [A_i] once, then adds each B_i's product into its own slice's output columns only
+    (``lorakit.lora.low_rank``). ``block_b`` (B_all with zeros outside the adapted slices) is the same
+    update as one rank n·r pair: the form PEFT's files hold, and the one merging uses.
     """
 
     def __init__(
@@ -189,6 +173,8 @@ class LoraFusedLinear(_LoraBase):
         self.slice_names = tuple(slice_names)
         self.adapted = tuple(s for s in slice_names if s in adapted)  # kept in the fused order
         self.slice_size = fan_out // len(slice_names)
+        # Where each adapted slice's output columns start.
+        self.offsets = tuple(self.slice_names.index(s) * self.slice_size for s in self.adapted)
         device = base_layer.weight.device
         pairs = [_new_lora_pair(r, fan_in, self.slice_size, device, init) for _ in self.adapted]
         self.lora_A = nn.ParameterList([a for a, _ in pairs])
@@ -216,11 +202,12 @@ class LoraFusedLinear(_LoraBase):
         return delta.t() if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
         if self.merged:
-            return result
-        return _add_low_rank(
-            result, _lora_input(x, self.lora_dropout), self.stacked_a(), self.block_b(self.scaling)
+            return self.base_layer(x)
+        lora_x = _lora_input(x, self.lora_dropout)
+        # Only the adapted slices' columns are touched: no products with the zero blocks of block_b.
+        return lora_linear(
+            self.base_layer, x, lora_x, self.stacked_a(), tuple(self.lora_B), self.offsets, self.scaling
         )
 
     def extra_repr(self) -> str:
