@@ -10,6 +10,9 @@ from torch import nn
 
 from lorakit.data import IGNORE_INDEX
 
+# Where torch (>= 2.4) has a fused AdamW kernel, and for which weights.
+_FUSED_DEVICES = ("cpu", "cuda")
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight")
 
 
@@ -23,7 +26,9 @@ def task_loss(
     if kind == "regression":
         return F.mse_loss(logits.squeeze(-1).float(), labels.float(), reduction=reduction)
     if kind == "generation":
-        logits, labels = logits[:, :-1], labels[:, 1:]
+        # Shift the labels, not the logits: slicing logits[:, :-1] would copy the whole (batch, seq,
+        # vocab) tensor (and its gradient); the last position gets IGNORE_INDEX and drops out.
+        labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(),
         labels.reshape(-1),
@@ -54,13 +59,22 @@ def global_mean_loss(
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters only; no weight decay on biases and layer norms."""
+    """AdamW over trainable parameters only; no weight decay on biases and layer norms.
+
+    torch's fused AdamW kernel (one pass over each tensor for the whole update) where every trainable
+    tensor can use it, as the Hugging Face Trainer's default ``adamw_torch_fused``: it matters for full
+    fine-tuning, whose update touches every weight (about 10% of a RoBERTa-base step on the CPU,
+    benchmarks/RESULTS.md). Elsewhere, torch's default implementation.
+    """
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if name.endswith(_NO_DECAY) else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    groups = [g for g in groups if g["params"]]
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(p.device.type in _FUSED_DEVICES and p.dtype in _FUSED_DTYPES for p in params)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
 
 
 def float32_trainables(model: nn.Module) -> None:
