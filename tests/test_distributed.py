@@ -117,7 +117,8 @@ def _gpt2_classifier():
 @pytest.mark.parametrize("arch", ["roberta", "bert", "deberta", "gpt2-classifier", "gpt2-lm"])
 def test_every_trainable_parameter_gets_a_gradient(arch: str) -> None:
     """DDP (find_unused_parameters=False, Accelerate's default) fails on a trainable parameter left without
-    a gradient: the task heads, DeBERTa's trained pooler, and biases with ``bias: all`` all take part."""
+    a gradient: the task heads, BERT's and DeBERTa's trained poolers, and biases with ``bias: all`` all
+    take part."""
     from conftest import tiny_bert, tiny_deberta, tiny_gpt2, tiny_roberta
 
     from lorakit.models import apply_lora
@@ -137,7 +138,7 @@ def test_every_trainable_parameter_gets_a_gradient(arch: str) -> None:
     ids = torch.randint(3, 120, (2, 9), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float().square().mean().backward()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    assert any(n.endswith("pooler.dense.weight") for n in trainable) == (arch == "deberta")
+    assert any(n.endswith("pooler.dense.weight") for n in trainable) == (arch in ("bert", "deberta"))
     assert [n for n, p in trainable.items() if p.grad is None] == []
 
 

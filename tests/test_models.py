@@ -179,6 +179,16 @@ def test_real_minilm_bert(shared_data):
     assert type(prepared.model).__name__ == "BertForSequenceClassification"
     assert len(prepared.adapted) == 12
     assert prepared.counts.lora == 6 * 2 * 8 * (384 + 384)
+    # BERT's head is the pooler (dense + tanh on [CLS]) and the classifier, as RoBERTa's `classifier`.
+    assert prepared.lora_config.modules_to_save == ("classifier", "pooler")
+    head = {n for n in trainable(prepared.model) if ".lora_" not in n}
+    assert head == {
+        "bert.pooler.dense.weight",
+        "bert.pooler.dense.bias",
+        "classifier.weight",
+        "classifier.bias",
+    }
+    assert prepared.counts.trainable == prepared.counts.lora + (384 * 384 + 384) + (384 * 2 + 2)
     assert prepared.model(**encode(prepared.tokenizer)).logits.shape == (2, 2)
 
 

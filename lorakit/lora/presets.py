@@ -24,12 +24,16 @@ FUSED_SLICES: Mapping[str, Mapping[str, Sequence[str]]] = {
     "gpt2": {"c_attn": ("q", "k", "v")},
 }
 
-# Modules a sequence-classification model initialises fresh, so they train and are saved with the
-# adapter. DeBERTa-v2's ContextPooler is not in the pretrained checkpoints: it belongs with the head.
+# The sequence-classification head: trained and saved with the adapter. RoBERTa's ``classifier`` is a
+# dense + tanh layer on the first token followed by the output projection, the head the paper trains.
+# BERT splits the same two layers into ``pooler`` and ``classifier``; its pooler comes from next-sentence
+# prediction, which later BERT-family checkpoints (sentence-transformers' MiniLM among them) never
+# trained, so it trains with the classifier, as RoBERTa's dense layer does. DeBERTa-v2's ContextPooler
+# is not in the pretrained checkpoints at all: it belongs with the head too.
 SEQ_CLS_HEADS: Mapping[str, Sequence[str]] = {
     "roberta": ("classifier",),
     "xlm-roberta": ("classifier",),
-    "bert": ("classifier",),
+    "bert": ("classifier", "pooler"),
     "electra": ("classifier",),
     "deberta-v2": ("classifier", "pooler"),
     "deberta": ("classifier", "pooler"),
