@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-all lint bench bench-quick demo
+.PHONY: install test test-all lint bench bench-quick bench-tune demo
 
 install:
 	test -x $(PY) || $(PY_BOOT) -m venv $(VENV)
@@ -27,6 +27,11 @@ bench:
 
 bench-quick:
 	$(PY) scripts/bench.py --quick --out benchmarks
+
+# The learning-rate sweep whose picks `make bench` trains with, and the LoRA setups tried on MRPC.
+# Run before `make bench` when the quality section changes (about 50 minutes on 2 cores).
+bench-tune:
+	$(PY) scripts/bench.py --only lr-sweep --only lora-variants --out benchmarks
 
 # The quick start: LoRA on the real pretrained MiniLM for SST-2, offline (see configs/demo.yaml).
 demo:

@@ -6,7 +6,8 @@
 
 Sections write ``DIR/<section>.json`` (``--quick`` runs write ``DIR/quick/``); ``DIR/RESULTS.md`` and its
 PNG plots are then rendered from every section JSON in DIR, so rerunning one section keeps the others.
-``lr-sweep`` (the learning-rate search the quality section's rates come from) runs only when named.
+``lr-sweep`` (the learning-rate search the quality section's rates come from) and ``lora-variants`` (other
+LoRA setups on one task, at the swept rates) run only when named.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("sizes", "speed", "inference", "quality")
-OPTIONAL_SECTIONS = ("lr-sweep",)
+OPTIONAL_SECTIONS = ("lr-sweep", "lora-variants")
 
 
 def _plan(quick: bool) -> dict:
@@ -28,41 +29,52 @@ def _plan(quick: bool) -> dict:
     if quick:
         return {
             "speed": [("roberta-small", 8, 64, 2), ("gpt2-small4", 4, 64, 2)],
-            "same_process": ("roberta-small", 8, 64, 4),
+            "paired": [("roberta-small", 8, 64, 6), ("gpt2-small4", 4, 64, 6)],
+            "layers": [("roberta-small", 8, 64, 20), ("gpt2-small4", 4, 64, 20)],
             "inference": ("roberta-small", (1, 32), 128, (5, 2)),
             "quality": [TaskPlan("sst2", "SST-2", 480, 1)],
-            "lr_sweep": (TaskPlan("sst2", "SST-2", 480, 1), 400),
+            "lr_sweep": [(TaskPlan("sst2", "SST-2", 480, 1), 400)],
+            "lora_variants": (TaskPlan("mrpc", "MRPC", 200, 1), 200, 400),
         }
     import torch
 
-    # A GPT-2 medium step at 16 × 128 takes over a minute on 2 CPU cores; 4 × 128 keeps the section in
-    # budget there (per-token costs, and so the ratios, barely move with the batch at these sizes).
-    gpt2_rows = 16 if torch.cuda.is_available() else 4
+    # GPT-2 medium at 16 × 128 would put the section over its time budget on 2 CPU cores: 4 × 128 there,
+    # 16 × 128 on a GPU. For the same reason the CPU pairs only roberta-base; GPT-2's lorakit-against-PEFT
+    # figure there comes from the per-process rounds and the one-layer measurement.
+    gpu = torch.cuda.is_available()
+    gpt2_rows = 16 if gpu else 4
+    quality = [
+        TaskPlan("sst2", "SST-2", 1500, 2),
+        TaskPlan("rte", "RTE", 300, 2),
+        TaskPlan("mrpc", "MRPC", 800, 2),
+        TaskPlan("stsb", "STS-B", 600, 2),
+    ]
+    # Rows held out of each task's training file for the sweep: as many as its dev set has, within what
+    # the file leaves after the training draw.
+    heldout = {"sst2": 872, "rte": 277, "mrpc": 408, "stsb": 1000}
     return {
-        "speed": [("roberta-base", 16, 128, 5), ("gpt2-medium", gpt2_rows, 128, 5)],
-        "same_process": ("roberta-base", 8, 128, 8),
+        "speed": [("roberta-base", 16, 128, 3), ("gpt2-medium", gpt2_rows, 128, 3)],
+        "paired": [("roberta-base", 16, 128, 5)] + ([("gpt2-medium", gpt2_rows, 128, 5)] if gpu else []),
+        "layers": [("roberta-base", 16, 128, 30), ("gpt2-medium", gpt2_rows, 128, 30)],
         "inference": ("roberta-base", (1, 32), 128, (20, 3)),
-        "quality": [
-            TaskPlan("sst2", "SST-2", 1500, 2),
-            TaskPlan("rte", "RTE", 600, 2),
-            TaskPlan("mrpc", "MRPC", 800, 2),
-            TaskPlan("stsb", "STS-B", 1000, 2),
-        ],
-        "lr_sweep": (TaskPlan("sst2", "SST-2", 1500, 2), 872),
+        "quality": quality,
+        "lr_sweep": [(plan, heldout[plan.name]) for plan in quality],
+        # MRPC: the task where LoRA trailed full fine-tuning by the most (benchmarks/RESULTS.md).
+        "lora_variants": (quality[2], heldout["mrpc"], 2 * (quality[2].train_rows or 0)),
     }
 
 
-def _lrs(out: Path) -> tuple[dict[str, float], str]:
-    """The quality section's learning rates: the sweep's picks when DIR holds a sweep, else the defaults
-    (which are an earlier sweep's picks)."""
+def _lrs(out: Path) -> tuple[dict[str, dict[str, float]], str]:
+    """Each task's learning rates for the quality section: the sweep's picks when DIR holds a sweep, else
+    ``DEFAULT_LR`` for every task."""
     from bench_common import read_json
-    from bench_quality import DEFAULT_LR
 
     for path in (out / "lr-sweep.json", out.parent / "lr-sweep.json"):
         sweep = read_json(path)
-        if sweep:
-            return dict(sweep["result"]["picks"]), f"picked by {path.name}"
-    return dict(DEFAULT_LR), "defaults (an earlier sweep's picks)"
+        if sweep and "tasks" in sweep["result"]:
+            picks = {t["task"]: dict(t["picks"]) for t in sweep["result"]["tasks"]}
+            return picks, f"each task's picks in {path.name}"
+    return {}, "no sweep at hand: DEFAULT_LR for every task"
 
 
 def run_section(name: str, quick: bool, out: Path, data_root: Path) -> dict:
@@ -75,16 +87,24 @@ def run_section(name: str, quick: bool, out: Path, data_root: Path) -> dict:
     if name == "sizes":
         return bench_sizes.adapter_size_section(quick)
     if name == "speed":
-        models = [bench_speed.train_step_benchmark(*spec) for spec in plan["speed"]]
-        return {"models": models, "same_process": bench_speed.same_process_ab(*plan["same_process"])}
+        return {
+            "models": [bench_speed.train_step_benchmark(*spec) for spec in plan["speed"]],
+            "paired": [bench_speed.paired_step_benchmark(*spec) for spec in plan["paired"]],
+            "layers": [bench_speed.layer_benchmark(*spec) for spec in plan["layers"]],
+        }
     if name == "inference":
         return bench_speed.inference_benchmark(*plan["inference"])
     if name == "quality":
         lrs, source = _lrs(out)
         return {**bench_quality.quality_section(plan["quality"], data_root, lrs), "lr_source": source}
     if name == "lr-sweep":
-        task_plan, heldout = plan["lr_sweep"]
-        return bench_quality.lr_sweep_section(task_plan, data_root, heldout)
+        return bench_quality.lr_sweep_section(plan["lr_sweep"], data_root)
+    if name == "lora-variants":
+        task_plan, heldout, more_rows = plan["lora_variants"]
+        lrs, source = _lrs(out)
+        task_lrs = lrs.get(task_plan.name, bench_quality.DEFAULT_LR)
+        result = bench_quality.lora_variants_section(task_plan, data_root, heldout, task_lrs, more_rows)
+        return {**result, "lr_source": source}
     raise ValueError(name)
 
 

@@ -194,6 +194,40 @@ def interleave(runs: Mapping[str, Callable[[], Timing]], reps: int) -> dict[str,
     return times
 
 
+def ratio_stats(num: Sequence[Timing], den: Sequence[Timing]) -> dict[str, Any]:
+    """``num`` over ``den`` taken round by round (``num[i]`` and ``den[i]`` ran close together): the median
+    of the wall-clock ratios with a bootstrap 95% interval, the median CPU-time ratio, and the ratios.
+    A drift in the machine's speed lasting longer than a round falls on both sides of its ratio, so
+    this is far steadier than a ratio of two medians taken over minutes."""
+    import numpy as np
+
+    wall = np.array([x[0] / y[0] for x, y in zip(num, den, strict=True)])
+    cpu = np.array([x[1] / y[1] for x, y in zip(num, den, strict=True)])
+    draws = np.random.default_rng(0).integers(0, len(wall), size=(2000, len(wall)))
+    low, high = np.percentile(np.median(wall[draws], axis=1), [2.5, 97.5])
+    return {
+        "ratio_median": float(np.median(wall)),
+        "ratio_ci95": [float(low), float(high)],
+        "cpu_ratio_median": float(np.median(cpu)),
+        "ratios": wall.tolist(),
+    }
+
+
+def paired(first: Callable[[], Timing], second: Callable[[], Timing], pairs: int) -> dict[str, Any]:
+    """Run ``first`` and ``second`` back to back ``pairs`` times, the order alternating: the per-pair
+    ratios first/second (``ratio_stats``) and each side's summary."""
+    a: list[Timing] = []
+    b: list[Timing] = []
+    for i in range(pairs):
+        if i % 2 == 0:
+            a.append(first())
+            b.append(second())
+        else:
+            b.append(second())
+            a.append(first())
+    return {"pairs": pairs, **ratio_stats(a, b), "first": summarize(a), "second": summarize(b)}
+
+
 def summarize(timings: Sequence[Timing]) -> dict[str, Any]:
     """Median and spread of wall-clock times, and the median CPU time."""
     wall = [t[0] for t in timings]

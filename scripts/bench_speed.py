@@ -24,7 +24,9 @@ from bench_common import (
     build_base,
     current_rss_bytes,
     interleave,
+    paired,
     peak_rss_bytes,
+    ratio_stats,
     setup_torch,
     summarize,
     timed,
@@ -33,8 +35,6 @@ from bench_common import (
 from torch import nn
 
 LR, WEIGHT_DECAY = 1e-4, 0.01  # the values do not change the cost of a step
-FULL_FUSED = "full_fused"  # full fine-tuning with fused AdamW: see train_step_benchmark
-STEP_CONTENDERS = (*CONTENDERS, FULL_FUSED)
 WARMUP_ROWS = 2  # a small first step: creates AdamW's state and the kernels' caches, cheaply
 
 
@@ -63,21 +63,8 @@ def _train_step(
     optimizer.zero_grad(set_to_none=True)
 
 
-def _set_fused(optimizer: torch.optim.Optimizer, fused: bool, saved: list[tuple[Any, Any]]) -> None:
-    """Switch AdamW to torch's fused kernel, or back to its ``saved`` (fused, foreach) settings; AdamW
-    reads them at every ``step``. The state (moments, step count) has the same layout either way, so one
-    optimizer serves both timings and the worker holds one copy of it. Only the step counters move: the
-    fused kernel wants them on the parameters' device, the other paths keep them on the CPU."""
-    for group, (was_fused, was_foreach) in zip(optimizer.param_groups, saved, strict=True):
-        group["fused"], group["foreach"] = (True, False) if fused else (was_fused, was_foreach)
-        for p in group["params"]:
-            state = optimizer.state.get(p)
-            if state and "step" in state:
-                state["step"] = state["step"].to(p.device if fused else "cpu")
-
-
 def _step_worker(conn: Connection, job: dict[str, Any]) -> None:
-    """One contender in its own process: build, then answer ("warmup" | "step", fused) / "stop"."""
+    """One contender in its own process: build, then answer "warmup" | "step" | "stop"."""
     from lorakit.optimization import build_optimizer
 
     device = setup_torch(job["threads"])
@@ -86,7 +73,6 @@ def _step_worker(conn: Connection, job: dict[str, Any]) -> None:
     model = apply_contender(build_base(shape).to(device), shape, job["contender"], job["r"], job["alpha"])
     model.train()
     optimizer = build_optimizer(model, LR, WEIGHT_DECAY)
-    saved = [(g.get("fused"), g.get("foreach")) for g in optimizer.param_groups]
     kind = "generation" if shape.family == "gpt2" else "classification"
     batch = make_batch(shape, job["rows"], job["seq"], device)
     warm = {k: v[:WARMUP_ROWS] for k, v in batch.items()}
@@ -101,11 +87,8 @@ def _step_worker(conn: Connection, job: dict[str, Any]) -> None:
                 peak["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
             conn.send(peak)
             return
-        what, fused = msg
-        _set_fused(optimizer, fused, saved)
-        rows = warm if what == "warmup" else batch
+        rows = warm if msg == "warmup" else batch
         conn.send(timed(lambda rows=rows: _train_step(model, optimizer, rows, kind), device))
-        _set_fused(optimizer, False, saved)
 
 
 def train_step_benchmark(
@@ -113,9 +96,8 @@ def train_step_benchmark(
 ) -> dict[str, Any]:
     """Median step time and peak memory of each contender on ``shape_name``, and the ratios.
 
-    Full fine-tuning is timed twice, in the same worker: with lorakit's AdamW (``build_optimizer``, what
-    ``method: full`` trains with) and with torch's fused AdamW kernel over the same parameter groups,
-    the Hugging Face Trainer's default (``adamw_torch_fused``) and the stronger baseline.
+    Every contender trains with lorakit's ``build_optimizer``: torch's fused AdamW, the kernel the
+    Hugging Face Trainer defaults to, so full fine-tuning is measured at its fastest.
     """
     ctx = mp.get_context("spawn")  # a fresh interpreter each: nothing inherited, memory measured alone
     workers: dict[str, tuple[Any, Connection]] = {}
@@ -134,20 +116,18 @@ def train_step_benchmark(
         for name, (_, conn) in workers.items():  # all built in parallel; timing starts once all are ready
             info[name] = conn.recv()
         for name, (_, conn) in workers.items():
-            conn.send(("warmup", False))
+            conn.send("warmup")
             info[name]["warmup_s"] = conn.recv()[0]
 
         def runner(name: str):
-            worker = "full" if name == FULL_FUSED else name
-
             def run() -> Timing:
-                conn = workers[worker][1]
-                conn.send(("step", name == FULL_FUSED))
+                conn = workers[name][1]
+                conn.send("step")
                 return conn.recv()
 
             return run
 
-        times = interleave({name: runner(name) for name in STEP_CONTENDERS}, reps)
+        times = interleave({name: runner(name) for name in CONTENDERS}, reps)
         for name, (proc, conn) in workers.items():
             conn.send("stop")
             info[name].update(conn.recv())
@@ -156,34 +136,37 @@ def train_step_benchmark(
         for proc, _ in workers.values():
             if proc.is_alive():
                 proc.kill()
-    info[FULL_FUSED] = info["full"]  # one process: the same model, optimizer state and memory
     result: dict[str, Any] = {"model": shape_name, "batch": rows, "seq": seq, "r": r, "contenders": {}}
-    for name in STEP_CONTENDERS:
+    for name in CONTENDERS:
         peak = info[name].get("cuda_max_allocated_bytes", info[name]["peak_rss_bytes"])
         result["contenders"][name] = {**info[name], **summarize(times[name]), "peak_memory_bytes": peak}
     c = result["contenders"]
     result["memory_kind"] = "cuda_max_allocated" if "cuda_max_allocated_bytes" in c["full"] else "peak_rss"
     result["ratios"] = {
         "time_lorakit_over_peft": c["lorakit"]["median_s"] / c["peft"]["median_s"],
-        "time_lorakit_over_peft_min": c["lorakit"]["min_s"] / c["peft"]["min_s"],
         "cpu_lorakit_over_peft": c["lorakit"]["cpu_median_s"] / c["peft"]["cpu_median_s"],
-        "cpu_lorakit_over_full": c["lorakit"]["cpu_median_s"] / c["full"]["cpu_median_s"],
-        "cpu_lorakit_over_full_fused": c["lorakit"]["cpu_median_s"] / c[FULL_FUSED]["cpu_median_s"],
         "time_lorakit_over_full": c["lorakit"]["median_s"] / c["full"]["median_s"],
-        "time_lorakit_over_full_fused": c["lorakit"]["median_s"] / c[FULL_FUSED]["median_s"],
+        "cpu_lorakit_over_full": c["lorakit"]["cpu_median_s"] / c["full"]["cpu_median_s"],
         "time_peft_over_full": c["peft"]["median_s"] / c["full"]["median_s"],
         "memory_lorakit_over_full": c["lorakit"]["peak_memory_bytes"] / c["full"]["peak_memory_bytes"],
         "memory_lorakit_over_peft": c["lorakit"]["peak_memory_bytes"] / c["peft"]["peak_memory_bytes"],
     }
+    # Round by round: each round runs every contender once, so its ratios see about the same machine.
+    result["round_ratios"] = {
+        f"{a}_over_{b}": ratio_stats(times[a], times[b])
+        for a, b in (("lorakit", "peft"), ("lorakit", "full"), ("peft", "full"))
+    }
     return result
 
 
-def same_process_ab(shape_name: str, rows: int, seq: int, reps: int, r: int = 8) -> dict[str, Any]:
-    """lorakit LoRA against PEFT LoRA in one process: two copies of one model, steps alternating.
+def paired_step_benchmark(shape_name: str, rows: int, seq: int, pairs: int, r: int = 8) -> dict[str, Any]:
+    """lorakit LoRA against PEFT LoRA in one process: two copies of one model, steps in pairs.
 
-    Separate worker processes give each contender its own memory figure but also their own memory
-    layout, which can move a step by a percent or two either way; here both share one process, so what
-    is left between them is the LoRA layers themselves.
+    Separate processes give each contender its own memory figure, but also their own memory layout, and
+    on a shared machine the speed of the cores drifts by tens of percent over seconds. Here both models
+    live in one process and every pair runs one lorakit step and one PEFT step back to back (the order
+    alternating), so a drift falls on both halves of a pair; the figure is the median of the pairs'
+    ratios, with a bootstrap 95% interval.
     """
     from lorakit.optimization import build_optimizer
 
@@ -200,15 +183,90 @@ def same_process_ab(shape_name: str, rows: int, seq: int, reps: int, r: int = 8)
     del base
     for run in runs.values():  # one untimed step each: AdamW's state, kernel caches
         run()
+    times = paired(runs["lorakit"], runs["peft"], pairs)
+    return {"model": shape_name, "batch": rows, "seq": seq, "r": r, **times}
+
+
+class _Holder(nn.Module):
+    """One named module, called as the model."""
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        super().__init__()
+        self.name = name
+        self.add_module(name, module)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, self.name)(x)
+
+
+def _one_layer(shape: ModelShape, contender: str, r: int) -> nn.Module:
+    """The first attention block's adapted projection of ``shape`` (random weights) in a one-module
+    wrapper, bare (``base``) or adapted as ``contender`` would adapt it."""
+    torch.manual_seed(0)
+    if shape.family == "gpt2":
+        from transformers.pytorch_utils import Conv1D
+
+        d = shape.config["n_embd"]
+        name, layer = "c_attn", Conv1D(3 * d, d)
+    else:
+        d = shape.config["hidden_size"]
+        name, layer = "query", nn.Linear(d, d)
+    holder = _Holder(name, layer)
+    if contender == "base":
+        return holder.requires_grad_(False)
+    if contender == "lorakit":
+        from lorakit.lora import LoraConfig, inject_lora
+
+        fused = {"c_attn": ("q", "k", "v")} if shape.family == "gpt2" else {}
+        target = "c_attn[q,v]" if shape.family == "gpt2" else name
+        inject_lora(holder, LoraConfig(r=r, alpha=2.0 * r, target_modules=[target], fused_slices=fused))
+        return holder
+    import peft
+
+    config = peft.LoraConfig(
+        r=r, lora_alpha=2.0 * r, target_modules=[name], fan_in_fan_out=shape.family == "gpt2"
+    )
+    return peft.get_peft_model(holder, config)
+
+
+def layer_benchmark(shape_name: str, rows: int, seq: int, reps: int, r: int = 8) -> dict[str, Any]:
+    """What the LoRA layers themselves cost: forward and backward of one adapted projection at the
+    model's width and the step's token count, bare (frozen, dL/dx only, as inside a LoRA model), with
+    lorakit's LoRA and with PEFT's; medians of interleaved runs, and each LoRA's overhead over the bare
+    layer. Non-zero B, as after the first steps."""
+    device = setup_torch()
+    shape = SHAPES[shape_name]
+    layers = {name: _one_layer(shape, name, r).to(device) for name in ("base", "lorakit", "peft")}
+    for module in layers.values():
+        with torch.no_grad():
+            for pname, p in module.named_parameters():
+                if "lora_B" in pname:
+                    p.normal_(0, 0.02)
+    d = shape.config.get("n_embd", shape.config.get("hidden_size"))
+    x = torch.randn(rows * seq, d, device=device, requires_grad=True)
+
+    def runner(module: nn.Module):
+        def step() -> None:
+            y = module(x)
+            y.backward(torch.ones_like(y))
+
+        return lambda: timed(step, device)
+
+    runs = {name: runner(m) for name, m in layers.items()}
+    for run in runs.values():
+        run()
     stats = {k: summarize(v) for k, v in interleave(runs, reps).items()}
-    ours, theirs = stats["lorakit"], stats["peft"]
+    base = stats["base"]["median_s"]
+    over = {k: stats[k]["median_s"] - base for k in ("lorakit", "peft")}
+    module = "c_attn (q|k|v)" if shape.family == "gpt2" else "query"
     return {
         "model": shape_name,
-        "batch": rows,
-        "seq": seq,
+        "module": module,
+        "tokens": rows * seq,
+        "r": r,
         "contenders": stats,
-        "time_lorakit_over_peft": ours["median_s"] / theirs["median_s"],
-        "cpu_lorakit_over_peft": ours["cpu_median_s"] / theirs["cpu_median_s"],
+        "overhead_s": over,
+        "overhead_lorakit_over_peft": over["lorakit"] / over["peft"] if over["peft"] > 0 else None,
     }
 
 
@@ -280,8 +338,9 @@ def inference_benchmark(
         stats = {k: summarize(v) for k, v in times.items()}
         base_median = stats["base"]["median_s"]
         base_cpu = stats["base"]["cpu_median_s"]
-        for s in stats.values():
+        for name, s in stats.items():
             s["ratio_to_base"] = s["median_s"] / base_median
             s["cpu_ratio_to_base"] = s["cpu_median_s"] / base_cpu
+            s["round_ratio_to_base"] = ratio_stats(times[name], times["base"])
         result["batches"][str(rows)] = stats
     return result

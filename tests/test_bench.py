@@ -4,6 +4,7 @@ step per contender on a tiny model through ``bench.main``. Fields are checked, n
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -47,16 +48,20 @@ def test_quick_sizes_writes_json_and_results(tmp_path: Path) -> None:
 
 def test_one_step_timing_on_a_tiny_model(bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     plan = bench._plan(quick=True)
-    tiny = {"speed": [("roberta-tiny", 2, 16, 1)], "same_process": ("roberta-tiny", 2, 16, 1)}
+    tiny = {
+        "speed": [("roberta-tiny", 2, 16, 2)],
+        "paired": [("roberta-tiny", 2, 16, 3)],
+        "layers": [("roberta-tiny", 2, 16, 2)],
+    }
     monkeypatch.setattr(bench, "_plan", lambda quick: {**plan, **tiny})
     assert bench.main(["--quick", "--only", "speed", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "quick" / "speed.json").read_text())
     (model,) = data["result"]["models"]
     assert model["model"] == "roberta-tiny" and model["batch"] == 2 and model["seq"] == 16
     contenders = model["contenders"]
-    assert set(contenders) == {"lorakit", "peft", "full", "full_fused"}
+    assert set(contenders) == {"lorakit", "peft", "full"}
     for c in contenders.values():
-        assert c["reps"] == 1 and len(c["times_s"]) == 1 and c["median_s"] > 0
+        assert c["reps"] == 2 and len(c["times_s"]) == 2 and c["median_s"] > 0
         assert c["peak_memory_bytes"] > 0 and c["trainable"] > 0
     # Same targets, rank and head: both LoRA contenders train exactly the same number of parameters.
     assert contenders["lorakit"]["trainable"] == contenders["peft"]["trainable"]
@@ -64,10 +69,127 @@ def test_one_step_timing_on_a_tiny_model(bench, tmp_path: Path, monkeypatch: pyt
     assert {"time_lorakit_over_peft", "time_lorakit_over_full", "memory_lorakit_over_full"} <= set(
         model["ratios"]
     )
-    ab = data["result"]["same_process"]
-    assert set(ab["contenders"]) == {"lorakit", "peft"} and ab["time_lorakit_over_peft"] > 0
+    # Round by round: round i is each contender's i-th step.
+    rounds = model["round_ratios"]
+    assert set(rounds) == {"lorakit_over_peft", "lorakit_over_full", "peft_over_full"}
+    ours, peft = contenders["lorakit"]["times_s"], contenders["peft"]["times_s"]
+    assert rounds["lorakit_over_peft"]["ratios"] == pytest.approx(
+        [a / b for a, b in zip(ours, peft, strict=True)]
+    )
+    assert rounds["lorakit_over_peft"]["ratio_median"] == pytest.approx(
+        statistics.median(a / b for a, b in zip(ours, peft, strict=True))
+    )
+    (pair,) = data["result"]["paired"]
+    assert pair["pairs"] == 3 and len(pair["ratios"]) == 3
+    assert pair["first"]["reps"] == pair["second"]["reps"] == 3
+    low, high = pair["ratio_ci95"]
+    assert min(pair["ratios"]) <= low <= pair["ratio_median"] <= high <= max(pair["ratios"])
+    (layer,) = data["result"]["layers"]
+    assert layer["module"] == "query" and layer["tokens"] == 32
+    assert set(layer["contenders"]) == {"base", "lorakit", "peft"}
+    assert set(layer["overhead_s"]) == {"lorakit", "peft"}
     results = (tmp_path / "quick" / "RESULTS.md").read_text()
     assert "## Training step" in results and "## Targets" in results
-    assert "Same-process check (roberta-tiny" in results
+    assert "### lorakit against PEFT, in pairs" in results and "| roberta-tiny | 2 × 16 | 3 |" in results
+    assert "### One adapted layer, forward and backward" in results
     assert "| roberta-tiny | 2 × 16 | lorakit LoRA |" in results
     assert (tmp_path / "quick" / "train_step.png").is_file()
+
+
+def test_ratio_stats_takes_ratios_round_by_round(bench) -> None:
+    from bench_common import ratio_stats
+
+    # Round 2 ran on a machine twice as slow for both sides: its ratio is unaffected.
+    num = [(2.0, 4.0), (6.0, 12.0), (3.0, 5.0)]
+    den = [(1.0, 2.0), (3.0, 6.0), (1.0, 1.0)]
+    stats = ratio_stats(num, den)
+    assert stats["ratios"] == [2.0, 2.0, 3.0]
+    assert stats["ratio_median"] == 2.0 and stats["cpu_ratio_median"] == 2.0
+    low, high = stats["ratio_ci95"]
+    assert 2.0 <= low <= high <= 3.0
+
+
+def test_inference_on_a_tiny_model(bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plan = bench._plan(quick=True)
+    monkeypatch.setattr(
+        bench, "_plan", lambda quick: {**plan, "inference": ("roberta-tiny", (1, 3), 16, (2, 3))}
+    )
+    assert bench.main(["--quick", "--only", "inference", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "quick" / "inference.json").read_text())["result"]
+    diffs = result["max_abs_diff_vs_lorakit_unmerged"]
+    # Merging changes nothing but rounding; the adapter itself moves the logits; PEFT has the same adapter.
+    assert diffs["lorakit_merged"] < 1e-5 and diffs["peft_unmerged"] < 1e-5
+    assert diffs["base"] > 1e-6 and diffs["base"] > 10 * diffs["lorakit_merged"]
+    assert set(result["batches"]) == {"1", "3"}
+    for rows, reps in (("1", 2), ("3", 3)):
+        stats = result["batches"][rows]
+        base = stats["base"]["times_s"]
+        for name in ("lorakit_unmerged", "lorakit_merged", "peft_unmerged"):
+            rr = stats[name]["round_ratio_to_base"]
+            assert rr["ratios"] == pytest.approx(
+                [a / b for a, b in zip(stats[name]["times_s"], base, strict=True)]
+            )
+            assert len(rr["ratios"]) == reps
+        assert stats["base"]["round_ratio_to_base"]["ratio_median"] == 1.0
+    results = (tmp_path / "quick" / "RESULTS.md").read_text()
+    assert "## Inference latency: roberta-tiny, seq 16, r = 8" in results
+    assert "| batch 3: merged within 2% of the base model |" in results
+    assert (tmp_path / "quick" / "inference.png").is_file()
+
+
+def test_layer_benchmark_adapts_gpt2_slices_as_each_library_does(bench) -> None:
+    import bench_speed
+
+    result = bench_speed.layer_benchmark("gpt2-small4", 1, 4, 1)
+    assert result["module"] == "c_attn (q|k|v)" and result["tokens"] == 4
+    ours = bench_speed._one_layer(bench_speed.SHAPES["gpt2-small4"], "lorakit", 8)
+    theirs = bench_speed._one_layer(bench_speed.SHAPES["gpt2-small4"], "peft", 8)
+    count = lambda m: sum(p.numel() for n, p in m.named_parameters() if "lora_" in n)  # noqa: E731
+    # q and v at rank r each against c_attn whole at rank r: the same number of LoRA parameters.
+    assert count(ours) == count(theirs) == 8 * (256 + 3 * 256)
+
+
+def test_sweep_picks_each_tasks_rates_then_quality_and_variants_train_with_them(
+    bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real MiniLM on a few real SST-2 rows: every grid point is trained and scored on held-out
+    training rows, the best of each method is its pick, and the quality section then trains with it."""
+    from bench_quality import LORA_VARIANTS, SWEEP_LR, TaskPlan
+
+    plan = bench._plan(quick=True)
+    tiny = TaskPlan("sst2", "SST-2", 32, 1, eval_rows=32)
+    monkeypatch.setattr(
+        bench,
+        "_plan",
+        lambda quick: {**plan, "quality": [tiny], "lr_sweep": [(tiny, 24)], "lora_variants": (tiny, 24, 48)},
+    )
+    argv = ["--quick", "--only", "lr-sweep", "--only", "quality", "--only", "lora-variants"]
+    assert bench.main([*argv, "--out", str(tmp_path)]) == 0
+    sweep = json.loads((tmp_path / "quick" / "lr-sweep.json").read_text())["result"]
+    (task,) = sweep["tasks"]
+    assert task["task"] == "sst2" and task["heldout_rows"] == 24
+    assert sorted((r["method"], r["lr"]) for r in task["runs"]) == sorted(
+        [("lora", lr) for lr in SWEEP_LR["lora"]] + [("full", lr) for lr in SWEEP_LR["full"]]
+    )
+    for method in ("lora", "full"):
+        best = max((r for r in task["runs"] if r["method"] == method), key=lambda r: r["main"])
+        assert task["picks"][method] == best["lr"]
+    quality = json.loads((tmp_path / "quick" / "quality.json").read_text())["result"]
+    contenders = quality["tasks"][0]["contenders"]
+    assert contenders["lorakit"]["lr"] == contenders["peft"]["lr"] == task["picks"]["lora"]
+    assert contenders["full"]["lr"] == task["picks"]["full"]
+    assert quality["tasks"][0]["eval_split"] == "dev" and quality["tasks"][0]["eval_rows"] == 32
+    variants = json.loads((tmp_path / "quick" / "lora-variants.json").read_text())["result"]
+    runs = variants["runs"]
+    # Full fine-tuning, each LoRA setup, then full fine-tuning and lorakit's default on twice the rows.
+    assert len(runs) == 1 + len(LORA_VARIANTS) + 2
+    assert [r["train_rows"] for r in runs] == [32] * (1 + len(LORA_VARIANTS)) + [48, 48]
+    assert all(r["lr"] == task["picks"]["lora"] for r in runs if r["setup"].startswith("LoRA"))
+    trainable = {r["setup"]: r["trainable"] for r in runs if r["train_rows"] == 32}
+    default, frozen_pooler, every_linear = (trainable["LoRA: " + k] for k in list(LORA_VARIANTS)[:3])
+    assert frozen_pooler == default - (384 * 384 + 384)  # the pooler's dense layer stays frozen
+    assert every_linear > default
+    results = (tmp_path / "quick" / "RESULTS.md").read_text()
+    assert "## Learning-rate sweep: each task" in results and "(picked)" in results
+    assert "sst2: LoRA within 2 points of full" in results
+    assert "## LoRA setups on sst2, scored on 24 held-out training rows" in results

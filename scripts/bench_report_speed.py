@@ -1,0 +1,242 @@
+"""RESULTS.md's speed sections: the training step, lorakit against PEFT in pairs, one adapted layer, and
+inference latency; and the speed targets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bench_format import INFER_NAMES, NAMES, count, header, mib, ms, plot_bars, round_ratio
+
+
+def speed_section(data: dict[str, Any], out: Path) -> list[str]:
+    """The training-step table and plots, then the paired and per-layer tables."""
+    lines = header("Training step: forward, backward, AdamW step", data)
+    lines += [
+        "| model | batch × seq | contender | trainable params | median step (min) | CPU time | peak memory | "
+        "vs PEFT | vs full | memory vs full |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    models = data["result"]["models"]
+    names = list(models[0]["contenders"]) if models else []
+    groups, times, mems = [], {n: [] for n in names}, {n: [] for n in names}
+    for m in models:
+        groups.append(m["model"])
+        c = m["contenders"]
+        for name, x in c.items():
+            vs = " | ".join(round_ratio(x, c[other]) for other in ("peft", "full"))
+            lines.append(
+                f"| {m['model']} | {m['batch']} × {m['seq']} | {NAMES[name]} | {count(x['trainable'])} | "
+                f"{x['median_s']:.2f} s ({x['min_s']:.2f}) | {x['cpu_median_s']:.2f} s | "
+                f"{mib(x['peak_memory_bytes'])} | {vs} | "
+                f"{x['peak_memory_bytes'] / c['full']['peak_memory_bytes']:.2f} |"
+            )
+            times[name].append(x["median_s"])
+            mems[name].append(x["peak_memory_bytes"] / 2**30)
+    kind = models[0]["memory_kind"] if models else ""
+    reps = models[0]["contenders"]["full"]["reps"] if models else 0
+    lines += [
+        "",
+        f"Median (and minimum) wall-clock time of {reps} rounds after one small untimed warm-up step, each "
+        "contender in its own process; a round runs one step of each contender, the order rotating. "
+        "Ratios: the median over rounds of the ratio within a round, wall clock, then (in brackets) the "
+        "process's CPU time; the ratio of two medians taken minutes apart on this shared machine moves by "
+        "more than the differences measured. Every contender trains with lorakit's `build_optimizer`: "
+        "torch's fused AdamW, the Hugging Face Trainer's default, so full fine-tuning is at its fastest. "
+        "GPT-2: lorakit adapts the q and v slices of `c_attn` (rank r each); PEFT adapts `c_attn` whole "
+        "with the same r, which has exactly the same parameter count (r · (1024 + 3072) = "
+        "2 · r · (1024 + 1024)); on the CPU it runs 4 × 128 rather than 16 × 128, to keep `make bench` "
+        "within its time budget (16 × 128 "
+        "on a GPU). Peak memory: "
+        + (
+            "`torch.cuda.max_memory_allocated`."
+            if kind != "peak_rss"
+            else "the worker process's peak resident set size (VmHWM), which includes about 0.5 GiB of "
+            "Python, torch and transformers, and the model's construction."
+        ),
+        "",
+    ]
+    plot_bars(
+        out / "train_step.png",
+        "Training step time (median)",
+        groups,
+        {NAMES[n]: v for n, v in times.items()},
+        "seconds",
+    )
+    plot_bars(
+        out / "train_memory.png",
+        "Peak training memory",
+        groups,
+        {NAMES[n]: v for n, v in mems.items()},
+        "GiB",
+    )
+    lines += ["![training step time](train_step.png) ![peak training memory](train_memory.png)", ""]
+    lines += _paired(data["result"].get("paired", []))
+    lines += _layers(data["result"].get("layers", []))
+    return lines
+
+
+def _paired(runs: list[dict[str, Any]]) -> list[str]:
+    if not runs:
+        return []
+    lines = [
+        "### lorakit against PEFT, in pairs",
+        "",
+        "| model | batch × seq | pairs | lorakit step (median) | PEFT step (median) | lorakit / PEFT: median "
+        "of pair ratios [95% interval] | CPU time |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for p in runs:
+        low, high = p["ratio_ci95"]
+        lines.append(
+            f"| {p['model']} | {p['batch']} × {p['seq']} | {p['pairs']} | {p['first']['median_s']:.2f} s | "
+            f"{p['second']['median_s']:.2f} s | **{p['ratio_median']:.3f}** [{low:.3f}, {high:.3f}] | "
+            f"{p['cpu_ratio_median']:.3f} |"
+        )
+    lines += [
+        "",
+        "Both LoRA models in one process, from the same weights; each pair is one lorakit step and one "
+        "PEFT step back to back, the order alternating. The speed of this shared machine's cores drifts by "
+        "tens of percent over seconds (and so do medians taken minutes apart), but within a pair both "
+        "steps see about the same machine: the median of the pairs' ratios is the lorakit-against-PEFT "
+        "figure the targets use. The interval is a bootstrap over the pairs.",
+        "",
+    ]
+    return lines
+
+
+def _layers(runs: list[dict[str, Any]]) -> list[str]:
+    if not runs:
+        return []
+    lines = [
+        "### One adapted layer, forward and backward",
+        "",
+        "| model | module | tokens | bare layer | lorakit LoRA | PEFT LoRA | lorakit overhead | "
+        "PEFT overhead | overhead, lorakit / PEFT |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m in runs:
+        c, over = m["contenders"], m["overhead_s"]
+        ratio = m["overhead_lorakit_over_peft"]
+        lines.append(
+            f"| {m['model']} | {m['module']} | {m['tokens']:,} | {ms(c['base']['median_s'])} | "
+            f"{ms(c['lorakit']['median_s'])} | {ms(c['peft']['median_s'])} | {ms(over['lorakit'])} | "
+            f"{ms(over['peft'])} | {'—' if ratio is None else f'{ratio:.2f}'} |"
+        )
+    reps = runs[0]["contenders"]["base"]["reps"]
+    lines += [
+        "",
+        f"The first attention block's adapted projection at the model's width, on the step's tokens: "
+        f"median of {reps} interleaved forward + backward passes, frozen base (dL/dx only, as inside a "
+        "LoRA model), r = 8, non-zero B. The overhead is the LoRA layer's time over the bare layer's: "
+        "the part of a step that the LoRA implementation decides.",
+        "",
+    ]
+    return lines
+
+
+def inference_section(data: dict[str, Any], out: Path) -> list[str]:
+    """The inference-latency table and plot."""
+    r = data["result"]
+    lines = header(f"Inference latency: {r['model']}, seq {r['seq']}, r = {r['r']}", data)
+    lines += ["| batch | " + " | ".join(INFER_NAMES.values()) + " |", "|---|" + "---:|" * len(INFER_NAMES)]
+    series: dict[str, list[float]] = {v: [] for v in INFER_NAMES.values()}
+    for rows, stats in r["batches"].items():
+        cells = []
+        for key, label in INFER_NAMES.items():
+            s = stats[key]
+            rr = s["round_ratio_to_base"]
+            cells.append(f"{ms(s['median_s'])}: {rr['ratio_median']:.3f}× ({rr['cpu_ratio_median']:.3f}×)")
+            series[label].append(rr["ratio_median"])
+        reps = stats["base"]["reps"]
+        lines.append(f"| {rows} ({reps} reps) | " + " | ".join(cells) + " |")
+    diffs = r["max_abs_diff_vs_lorakit_unmerged"]
+    lines += [
+        "",
+        "Median latency, then the median over rounds of the ratio to the base model's pass in the same "
+        "round, wall clock (CPU time in brackets); a round runs each model once, the order rotating. Eval "
+        "mode, `torch.inference_mode`, after one untimed pass each. "
+        "The adapter is non-zero; max |Δ logits| against lorakit unmerged: "
+        + ", ".join(f"{INFER_NAMES[k]} {v:.1e}" for k, v in diffs.items() if k != "lorakit_unmerged")
+        + " (the base model differs by the adapter's effect).",
+        "",
+    ]
+    plot_bars(
+        out / "inference.png",
+        "Inference latency relative to the base model",
+        [f"batch {b}" for b in r["batches"]],
+        series,
+        "× base",
+    )
+    lines += ["![inference latency](inference.png)", ""]
+    return lines
+
+
+def _ratio_cell(stats: dict[str, Any]) -> str:
+    low, high = stats["ratio_ci95"]
+    return f"{stats['ratio_median']:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def speed_targets(speed: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """The speed and memory targets as (target, measured, met) rows. lorakit against PEFT: the in-process
+    pairs where the run has them, else the per-process rounds."""
+    rows = []
+    paired = {p["model"]: p for p in speed["result"].get("paired", [])}
+    for m in speed["result"]["models"]:
+        name, rounds = m["model"], m["round_ratios"]
+        vs_peft, how = (
+            (paired[name], "in pairs") if name in paired else (rounds["lorakit_over_peft"], "rounds")
+        )
+        rows.append(
+            (
+                f"{name}: lorakit step ≤ PEFT's, {how} (aim 0.90)",
+                _ratio_cell(vs_peft),
+                vs_peft["ratio_median"] <= 1.0,
+            )
+        )
+        vs_full = rounds["lorakit_over_full"]
+        rows.append(
+            (
+                f"{name}: lorakit step ≤ 0.75 × full, rounds",
+                _ratio_cell(vs_full),
+                vs_full["ratio_median"] <= 0.75,
+            )
+        )
+        memory = m["ratios"]["memory_lorakit_over_full"]
+        rows.append((f"{name}: LoRA peak memory clearly below full's", f"{memory:.2f}", memory <= 0.9))
+    for layer in speed["result"].get("layers", []):
+        ratio = layer["overhead_lorakit_over_peft"]
+        if ratio is not None:
+            rows.append(
+                (
+                    f"{layer['model']} {layer['module']}: lorakit layer overhead ≤ PEFT's",
+                    f"{ratio:.2f}",
+                    ratio <= 1.0,
+                )
+            )
+    return rows
+
+
+def inference_targets(inference: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """Merged latency against the base model's, and unmerged overhead against PEFT's, per batch size:
+    per-round ratios to the base model."""
+    rows = []
+    for batch, s in inference["result"]["batches"].items():
+        merged = s["lorakit_merged"]["round_ratio_to_base"]
+        rows.append(
+            (
+                f"batch {batch}: merged within 2% of the base model",
+                _ratio_cell(merged),
+                merged["ratio_median"] <= 1.02,
+            )
+        )
+        ours = s["lorakit_unmerged"]["round_ratio_to_base"]
+        theirs = s["peft_unmerged"]["round_ratio_to_base"]
+        rows.append(
+            (
+                f"batch {batch}: unmerged overhead ≤ PEFT's",
+                f"{ours['ratio_median']:.3f} vs {theirs['ratio_median']:.3f}",
+                ours["ratio_median"] <= theirs["ratio_median"],
+            )
+        )
+    return rows
