@@ -9,8 +9,8 @@ from torch import nn
 from torch.autograd import gradcheck
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.lora import LoraFusedLinear, LoraLinear, mark_trainable
-from lorakit.lora.low_rank import LoraLinearFunction, computes_itself
+from lorakit.lora import LoraFusedLinear, LoraLinear, low_rank, mark_trainable
+from lorakit.lora.low_rank import LoraLinearFunction, computes_itself, folding_is_cheaper
 
 
 def _factors(fan_in: int, blocks: list[int], r: int, dtype=torch.float64):
@@ -183,3 +183,79 @@ def test_inference_mode_gives_the_training_forward() -> None:
     train_out = layer(x).detach()
     with torch.inference_mode():
         torch.testing.assert_close(layer(x), train_out, rtol=0, atol=0)
+
+
+def test_folding_pays_only_for_many_tokens() -> None:
+    # roberta-base's query (768 × 768): batch 1 × 128 keeps the LoRA path, 32 × 128 folds.
+    assert not folding_is_cheaper(128, 768, 768, 768)
+    assert folding_is_cheaper(32 * 128, 768, 768, 768)
+    # gpt2-medium's c_attn with q and v adapted: a partial fold also copies W0, so it needs more tokens.
+    assert not folding_is_cheaper(1024, 1024, 3072, 2048)
+    assert folding_is_cheaper(4096, 1024, 3072, 2048)
+
+
+def _spy_on(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Which forward ``lora_linear`` takes, recorded by name."""
+    taken: list[str] = []
+    for name in ("_folded_forward", "_lora_forward"):
+        real = getattr(low_rank, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            taken.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(low_rank, name, spy)
+    return taken
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear-qv", "conv1d-qv"])
+@pytest.mark.parametrize("tokens", [4, 400])
+def test_forward_without_a_graph_matches_the_training_forward(
+    kind: str, tokens: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under no_grad the op skips autograd.Function, and past ``folding_is_cheaper``'s threshold it folds
+    BA into a transient weight: the same output either way, no graph, and W0 left as it was."""
+    torch.manual_seed(0)
+    d = 16
+    if kind == "linear":
+        layer: nn.Module = LoraLinear(nn.Linear(d, d), r=4, alpha=8)
+    else:
+        base = nn.Linear(d, 3 * d) if kind == "linear-qv" else Conv1D(3 * d, d)
+        layer = LoraFusedLinear(base, ("q", "k", "v"), ("q", "v"), r=2, alpha=4)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    w0 = layer.base_layer.weight.detach().clone()
+    x = torch.randn(tokens, d)
+    expected = layer(x).detach()
+    taken = _spy_on(monkeypatch)
+    with torch.no_grad():
+        out = layer(x.view(2, tokens // 2, d))
+    fan_out = layer.base_layer.weight.shape[1 if kind == "conv1d-qv" else 0]
+    adapted = fan_out if kind == "linear" else 2 * d
+    folds = folding_is_cheaper(tokens, d, fan_out, adapted)
+    assert taken == ["_folded_forward" if folds else "_lora_forward"]
+    assert (tokens == 400) == folds  # both paths are exercised
+    assert out.grad_fn is None and out.shape == (2, tokens // 2, fan_out)
+    torch.testing.assert_close(out.view(tokens, fan_out), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer.base_layer.weight, w0)
+
+
+def test_half_precision_never_folds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under bf16 autocast W0 + s·BA would be rounded to bf16, losing most of a small update."""
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(16, 16), r=4, alpha=8)
+    taken = _spy_on(monkeypatch)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(torch.randn(400, 16))
+    assert folding_is_cheaper(400, 16, 16, 16)
+    assert taken == ["_lora_forward"] and out.dtype == torch.bfloat16
+
+
+def test_a_graph_is_recorded_when_the_input_wants_gradients() -> None:
+    """Frozen adapter, input that needs dL/dx (saliency maps, say): the autograd op must run."""
+    layer = LoraLinear(nn.Linear(16, 16), r=4, alpha=8).requires_grad_(False)
+    x = torch.randn(400, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

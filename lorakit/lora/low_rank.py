@@ -9,6 +9,11 @@ its own output columns in place (a GEMM with beta = 1); backward, it accumulates
 ``dL/dx`` into the base's in place the same way. Only the small factors and their gradients get new
 tensors; what is saved for backward is what autograd would save (the LoRA input and A x).
 
+Where no graph is recorded (evaluation, generation) the same sum runs without autograd.Function's
+bookkeeping; and for a call with more tokens than its weight has rows (batch 32 × 128 on a 768-wide
+layer, say) in fp32, BA is folded into a transient copy of W0 for one GEMM (``folding_is_cheaper``):
+the update costs about nothing then, while the module itself stays unmerged.
+
 This path runs where lorakit can compute the base map itself: a plain ``nn.Linear`` or GPT-2's
 ``Conv1D``, frozen, that no hook intercepts. A subclass (a quantised layer, say), a module others hook
 into (DeepSpeed ZeRO-3 gathers weights in a forward pre-hook; Accelerate's offloading replaces
@@ -18,6 +23,7 @@ forward with the update added by autograd's operations, as before.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -38,6 +44,75 @@ def computes_itself(module: nn.Module) -> bool:
     plain = type(module) is nn.Linear or is_conv1d(module)
     hooked = bool(module._forward_hooks or module._forward_pre_hooks) or "forward" in vars(module)
     return plain and not hooked and not hasattr(module, "_hf_hook") and not module.weight.requires_grad
+
+
+def _lora_forward(
+    x: torch.Tensor,
+    lora_x: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    scale: float,
+    offsets: Sequence[int],
+    conv1d: bool,
+    bs: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``LoraLinearFunction``'s forward sum (2-D ``x``), with the LoRA input and ``A x`` it read."""
+    w = weight if conv1d else weight.t()
+    out = torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)
+    lx = x if lora_x is None else lora_x
+    ax = torch.mm(lx, a.t())
+    r = a.shape[0] // len(bs)
+    for i, (offset, b) in enumerate(zip(offsets, bs, strict=True)):
+        out[:, offset : offset + b.shape[0]].addmm_(ax[:, i * r : (i + 1) * r], b.t(), alpha=scale)
+    return out, lx, ax
+
+
+def folding_is_cheaper(tokens: int, fan_in: int, fan_out: int, adapted_out: int) -> bool:
+    """Whether, without autograd, ``x (W0 + s·BA)ᵀ`` with a transient folded weight moves fewer elements
+    through memory than ``x W0ᵀ + s·(x Aᵀ) Bᵀ``.
+
+    Both are memory-bound beyond the base GEMM (a rank-r product does almost no arithmetic per element):
+    the LoRA path reads ``x`` once more and reads and writes its adapted output columns; folding writes
+    a copy of W0 (plus, for a fused projection, updates its adapted columns). So folding wins once a
+    call carries more tokens than the weight has rows, roughly: batch 32 × 128 for a 768-wide layer,
+    not batch 1.
+    """
+    lora_path = tokens * (fan_in + 2 * adapted_out)
+    fold = 2 * fan_in * fan_out + (0 if adapted_out == fan_out else 2 * fan_in * adapted_out)
+    return fold < lora_path
+
+
+def _folded_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    scale: float,
+    offsets: Sequence[int],
+    conv1d: bool,
+    bs: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """``x (W0 + s·B_i A_i in its columns)ᵀ + b`` with the folded weight made for this call only: the
+    module's own W0 is never written, so the adapter stays separate (switching or unloading it is free)."""
+    r = a.shape[0] // len(bs)
+    whole = len(bs) == 1 and bs[0].shape[0] == _weight_out(weight, conv1d)
+    if whole and not conv1d:
+        folded = torch.addmm(weight, bs[0], a, alpha=scale)
+    else:
+        folded = weight.clone()
+        for i, (offset, b) in enumerate(zip(offsets, bs, strict=True)):
+            a_i = a[i * r : (i + 1) * r]
+            if conv1d:  # (in, out): the block's columns get s·A_iᵀ B_iᵀ
+                folded[:, offset : offset + b.shape[0]].addmm_(a_i.t(), b.t(), alpha=scale)
+            else:
+                folded[offset : offset + b.shape[0]].addmm_(b, a_i, alpha=scale)
+    w = folded if conv1d else folded.t()
+    return torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)
+
+
+def _weight_out(weight: torch.Tensor, conv1d: bool) -> int:
+    return int(weight.shape[1] if conv1d else weight.shape[0])
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -61,15 +136,9 @@ class LoraLinearFunction(torch.autograd.Function):
         conv1d: bool,
         *bs: torch.Tensor,
     ) -> torch.Tensor:
-        w = weight if conv1d else weight.t()
-        out = torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)
-        lx = x if lora_x is None else lora_x
-        ax = torch.mm(lx, a.t())
-        r = a.shape[0] // len(bs)
-        for i, (offset, b) in enumerate(zip(offsets, bs, strict=True)):
-            out[:, offset : offset + b.shape[0]].addmm_(ax[:, i * r : (i + 1) * r], b.t(), alpha=scale)
+        out, lx, ax = _lora_forward(x, lora_x, weight, bias, a, scale, offsets, conv1d, bs)
         ctx.save_for_backward(lx, ax, weight, a, *bs)
-        ctx.meta = (scale, tuple(offsets), conv1d, r, lora_x is None, bias is not None)
+        ctx.meta = (scale, tuple(offsets), conv1d, a.shape[0] // len(bs), lora_x is None, bias is not None)
         return out
 
     @staticmethod
@@ -152,7 +221,7 @@ def lora_linear(
     shared = lora_x is x
     weight, bias = base.weight, base.bias
     if autocast:
-        # What autocast would do to each matmul's inputs, done once here; the function runs outside it.
+        # What autocast would do to each matmul's inputs, done once here.
         dtype = torch.get_autocast_dtype(device_type)
         x, lora_x = x.to(dtype), lora_x.to(dtype)
         weight, a = weight.to(dtype), a.to(dtype)
@@ -160,10 +229,19 @@ def lora_linear(
         bs = [b.to(dtype) for b in bs]
     x2d = x.reshape(-1, fan_in)
     lora_x2d = None if shared else lora_x.reshape(-1, lora_x.shape[-1])
-    args = (x2d, lora_x2d, weight, bias, a, scale, tuple(offsets), is_conv1d(base), *bs)
-    if autocast:
-        with torch.autocast(device_type, enabled=False):
-            out = LoraLinearFunction.apply(*args)
-    else:
-        out = LoraLinearFunction.apply(*args)
-    return out.view(*lead, _out_features(base))
+    conv1d, fan_out = is_conv1d(base), _out_features(base)
+    # The function runs outside autocast: what autocast would do to each matmul's inputs is done above.
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x2d, lora_x, a, *bs)):
+            out = LoraLinearFunction.apply(x2d, lora_x2d, weight, bias, a, scale, tuple(offsets), conv1d, *bs)
+        elif (
+            shared
+            and x2d.dtype in (torch.float32, torch.float64)
+            and folding_is_cheaper(x2d.shape[0], fan_in, fan_out, sum(b.shape[0] for b in bs))
+        ):
+            # No graph to record (evaluation, generation) and many tokens: BA folded into a transient
+            # weight. Only in fp32/fp64: W0 + s·BA rounded to bf16 or fp16 would lose much of the update.
+            out = _folded_forward(x2d, weight, bias, a, scale, offsets, conv1d, bs)
+        else:  # no graph to record: the same sum without autograd.Function's bookkeeping
+            out = _lora_forward(x2d, lora_x2d, weight, bias, a, scale, offsets, conv1d, bs)[0]
+    return out.view(*lead, fan_out)
