@@ -19,7 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("sizes", "speed", "inference", "quality")
-OPTIONAL_SECTIONS = ("lr-sweep", "lora-variants")
+OPTIONAL_SECTIONS = ("lr-sweep", "lora-variants", "quality-seeds")
 
 
 def _plan(quick: bool) -> dict:
@@ -32,15 +32,17 @@ def _plan(quick: bool) -> dict:
             "paired": [("roberta-small", 8, 64, 6), ("gpt2-small4", 4, 64, 6)],
             "layers": [("roberta-small", 8, 64, 20), ("gpt2-small4", 4, 64, 20)],
             "inference": ("roberta-small", (1, 32), 128, (5, 2)),
+            "inference_layers": [("roberta-small", rows, 64, 10, 8, False) for rows in (1, 32)],
             "quality": [TaskPlan("sst2", "SST-2", 480, 1)],
             "lr_sweep": [(TaskPlan("sst2", "SST-2", 480, 1), 400)],
             "lora_variants": (TaskPlan("mrpc", "MRPC", 200, 1), 200, 400),
+            "quality_seeds": [(TaskPlan("sst2", "SST-2", 480, 1), (1,))],
         }
     import torch
 
     # GPT-2 medium at 16 × 128 would put the section over its time budget on 2 CPU cores: 4 × 128 there,
-    # 16 × 128 on a GPU. For the same reason the CPU pairs only roberta-base; GPT-2's lorakit-against-PEFT
-    # figure there comes from the per-process rounds and the one-layer measurement.
+    # 16 × 128 on a GPU. For the same reason the in-process pairs run only on a GPU; on the CPU the
+    # lorakit-against-PEFT figures come from the per-process rounds and the one-layer measurements.
     gpu = torch.cuda.is_available()
     gpt2_rows = 16 if gpu else 4
     quality = [
@@ -53,14 +55,23 @@ def _plan(quick: bool) -> dict:
     # the file leaves after the training draw.
     heldout = {"sst2": 872, "rte": 277, "mrpc": 408, "stsb": 1000}
     return {
-        "speed": [("roberta-base", 16, 128, 3), ("gpt2-medium", gpt2_rows, 128, 3)],
-        "paired": [("roberta-base", 16, 128, 5)] + ([("gpt2-medium", gpt2_rows, 128, 5)] if gpu else []),
+        "speed": [("roberta-base", 16, 128, 4), ("gpt2-medium", gpt2_rows, 128, 3)],
+        "paired": [(name, rows, 128, 5) for name, rows in (("roberta-base", 16), ("gpt2-medium", 16))]
+        if gpu
+        else [],
         "layers": [("roberta-base", 16, 128, 30), ("gpt2-medium", gpt2_rows, 128, 30)],
-        "inference": ("roberta-base", (1, 32), 128, (20, 3)),
+        "inference": ("roberta-base", (1, 32), 128, (12, 3)),
+        "inference_layers": [
+            (model, rows, 128, 20 if model == "roberta-base" else 10, 8, False)
+            for model in ("roberta-base", "gpt2-medium")
+            for rows in (1, 32)
+        ],
         "quality": quality,
         "lr_sweep": [(plan, heldout[plan.name]) for plan in quality],
         # MRPC: the task where LoRA trailed full fine-tuning by the most (benchmarks/RESULTS.md).
         "lora_variants": (quality[2], heldout["mrpc"], 2 * (quality[2].train_rows or 0)),
+        # Seed 0 is the quality section's own run; MRPC, the closest call, gets more seeds.
+        "quality_seeds": [(plan, (1, 2, 3, 4) if plan.name == "mrpc" else (1, 2)) for plan in quality],
     }
 
 
@@ -93,12 +104,19 @@ def run_section(name: str, quick: bool, out: Path, data_root: Path) -> dict:
             "layers": [bench_speed.layer_benchmark(*spec) for spec in plan["layers"]],
         }
     if name == "inference":
-        return bench_speed.inference_benchmark(*plan["inference"])
+        return {
+            **bench_speed.inference_benchmark(*plan["inference"]),
+            "layers": [bench_speed.layer_benchmark(*spec) for spec in plan["inference_layers"]],
+        }
     if name == "quality":
         lrs, source = _lrs(out)
         return {**bench_quality.quality_section(plan["quality"], data_root, lrs), "lr_source": source}
     if name == "lr-sweep":
         return bench_quality.lr_sweep_section(plan["lr_sweep"], data_root)
+    if name == "quality-seeds":
+        lrs, source = _lrs(out)
+        result = bench_quality.quality_seeds_section(plan["quality_seeds"], data_root, lrs)
+        return {**result, "lr_source": source}
     if name == "lora-variants":
         task_plan, heldout, more_rows = plan["lora_variants"]
         lrs, source = _lrs(out)

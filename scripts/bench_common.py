@@ -194,6 +194,15 @@ def interleave(runs: Mapping[str, Callable[[], Timing]], reps: int) -> dict[str,
     return times
 
 
+def _median_ci(values: Any) -> tuple[float, list[float]]:
+    """The median of ``values`` (a numpy array) and a bootstrap 95% interval for it."""
+    import numpy as np
+
+    draws = np.random.default_rng(0).integers(0, len(values), size=(2000, len(values)))
+    low, high = np.percentile(np.median(values[draws], axis=1), [2.5, 97.5])
+    return float(np.median(values)), [float(low), float(high)]
+
+
 def ratio_stats(num: Sequence[Timing], den: Sequence[Timing]) -> dict[str, Any]:
     """``num`` over ``den`` taken round by round (``num[i]`` and ``den[i]`` ran close together): the median
     of the wall-clock ratios with a bootstrap 95% interval, the median CPU-time ratio, and the ratios.
@@ -203,14 +212,23 @@ def ratio_stats(num: Sequence[Timing], den: Sequence[Timing]) -> dict[str, Any]:
 
     wall = np.array([x[0] / y[0] for x, y in zip(num, den, strict=True)])
     cpu = np.array([x[1] / y[1] for x, y in zip(num, den, strict=True)])
-    draws = np.random.default_rng(0).integers(0, len(wall), size=(2000, len(wall)))
-    low, high = np.percentile(np.median(wall[draws], axis=1), [2.5, 97.5])
+    median, ci = _median_ci(wall)
     return {
-        "ratio_median": float(np.median(wall)),
-        "ratio_ci95": [float(low), float(high)],
+        "ratio_median": median,
+        "ratio_ci95": ci,
         "cpu_ratio_median": float(np.median(cpu)),
         "ratios": wall.tolist(),
     }
+
+
+def difference_stats(num: Sequence[Timing], den: Sequence[Timing]) -> dict[str, Any]:
+    """``num`` minus ``den`` in wall-clock seconds, round by round as ``ratio_stats``: the median
+    difference with a bootstrap 95% interval, and the differences."""
+    import numpy as np
+
+    diff = np.array([x[0] - y[0] for x, y in zip(num, den, strict=True)])
+    median, ci = _median_ci(diff)
+    return {"median_s": median, "ci95_s": ci, "differences_s": diff.tolist()}
 
 
 def paired(first: Callable[[], Timing], second: Callable[[], Timing], pairs: int) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 
 from bench_common import read_json
 from bench_format import header, mib
-from bench_report_quality import quality_section, sweep_section, variants_section
+from bench_report_quality import quality_section, seed_scores, seeds_section, sweep_section, variants_section
 from bench_report_speed import inference_section, inference_targets, speed_section, speed_targets
 
 
@@ -46,16 +46,32 @@ def _targets(sections: dict[str, Any]) -> list[str]:
     if "inference" in sections:
         rows += inference_targets(sections["inference"])
     if "quality" in sections:
-        for t in sections["quality"]["result"]["tasks"]:
-            gap = t["contenders"]["lorakit"]["main"] - t["contenders"]["full"]["main"]
-            rows.append((f"{t['task']}: LoRA within 2 points of full", f"{gap:+.1f}", gap >= -2.0))
+        for task, s in seed_scores(sections["quality"], sections.get("quality-seeds")).items():
+            n = len(s["seeds"])
+            seed0 = s["lorakit"][0] - s["full"][0]
+            if n == 1:
+                rows.append((f"{task}: LoRA within 2 points of full", f"{seed0:+.1f}", seed0 >= -2.0))
+                continue
+            rows.append(
+                (
+                    f"{task}: LoRA within 2 points of full, medians over {n} seeds",
+                    f"{s['median_gap']:+.1f} (seed 0 alone: {seed0:+.1f})",
+                    s["median_gap"] >= -2.0,
+                )
+            )
     if not rows:
         return []
     lines = [
         "## Targets",
         "",
         "Time ratios: the median over rounds (or pairs) of the ratio within one, wall clock, with a "
-        "bootstrap 95% interval in brackets; a target counts as met on the median.",
+        'bootstrap 95% interval in brackets. A bound (≤, within) counts as met on the median. "No '
+        'slower than PEFT" and "overhead ≤ PEFT\'s" look where the two implementations differ, the '
+        'adapted layers, timed round by round (see "One adapted layer"): met when lorakit\'s layer '
+        "overhead is no more than PEFT's and the whole step's or model's interval does not lie above "
+        "1.0. A whole pass lasts seconds, over which this machine's speed drifts by more than the few "
+        "percent of it the LoRA layers take, so its median alone could not tell a tie from a loss. "
+        "Quality: medians over seeds where the seeds section ran.",
         "",
         "| target | measured | met |",
         "|---|---:|---|",
@@ -68,7 +84,7 @@ def render(out: Path) -> Path:
     """Write ``out/RESULTS.md`` (and PNGs) from the section JSON files in ``out``; returns its path."""
     sections = {
         n: read_json(out / f"{n}.json")
-        for n in ("speed", "inference", "sizes", "quality", "lr-sweep", "lora-variants")
+        for n in ("speed", "inference", "sizes", "quality", "quality-seeds", "lr-sweep", "lora-variants")
     }
     sections = {k: v for k, v in sections.items() if v}
     quick = any(v.get("quick") for v in sections.values())
@@ -92,6 +108,8 @@ def render(out: Path) -> Path:
         lines += _sizes(sections["sizes"])
     if "quality" in sections:
         lines += quality_section(sections["quality"], out)
+    if "quality-seeds" in sections and "quality" in sections:
+        lines += seeds_section(sections["quality-seeds"], sections["quality"])
     if "lr-sweep" in sections:
         lines += sweep_section(sections["lr-sweep"])
     if "lora-variants" in sections:

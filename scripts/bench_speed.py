@@ -23,6 +23,7 @@ from bench_common import (
     apply_contender,
     build_base,
     current_rss_bytes,
+    difference_stats,
     interleave,
     paired,
     peak_rss_bytes,
@@ -229,11 +230,18 @@ def _one_layer(shape: ModelShape, contender: str, r: int) -> nn.Module:
     return peft.get_peft_model(holder, config)
 
 
-def layer_benchmark(shape_name: str, rows: int, seq: int, reps: int, r: int = 8) -> dict[str, Any]:
-    """What the LoRA layers themselves cost: forward and backward of one adapted projection at the
-    model's width and the step's token count, bare (frozen, dL/dx only, as inside a LoRA model), with
-    lorakit's LoRA and with PEFT's; medians of interleaved runs, and each LoRA's overhead over the bare
-    layer. Non-zero B, as after the first steps."""
+def layer_benchmark(
+    shape_name: str, rows: int, seq: int, reps: int, r: int = 8, train: bool = True
+) -> dict[str, Any]:
+    """What the LoRA layers themselves cost: one adapted projection at the model's width and ``rows`` ×
+    ``seq`` tokens, bare (frozen, as inside a LoRA model), with lorakit's LoRA and with PEFT's, in
+    interleaved rounds. ``train``: forward and backward (dL/dx and the LoRA gradients); else a forward
+    under inference_mode, each timed unit repeating it until about 2,048 tokens have passed, so a unit
+    lasts long enough to time. Non-zero B, as after the first steps.
+
+    A LoRA model differs from its base, and lorakit's from PEFT's, only in these layers, and one layer
+    runs in milliseconds, far shorter than the machine's speed drifts (seconds): this is where the
+    implementations' costs can be told apart to a fraction of a percent of a whole forward pass."""
     device = setup_torch()
     shape = SHAPES[shape_name]
     layers = {name: _one_layer(shape, name, r).to(device) for name in ("base", "lorakit", "peft")}
@@ -243,30 +251,46 @@ def layer_benchmark(shape_name: str, rows: int, seq: int, reps: int, r: int = 8)
                 if "lora_B" in pname:
                     p.normal_(0, 0.02)
     d = shape.config.get("n_embd", shape.config.get("hidden_size"))
-    x = torch.randn(rows * seq, d, device=device, requires_grad=True)
+    x = torch.randn(rows * seq, d, device=device, requires_grad=train)
+    inner = 1 if train else max(1, 2048 // (rows * seq))
 
     def runner(module: nn.Module):
         def step() -> None:
             y = module(x)
             y.backward(torch.ones_like(y))
 
-        return lambda: timed(step, device)
+        def forward() -> None:
+            with torch.inference_mode():
+                for _ in range(inner):
+                    module(x)
+
+        return lambda: timed(step if train else forward, device)
 
     runs = {name: runner(m) for name, m in layers.items()}
     for run in runs.values():
         run()
-    stats = {k: summarize(v) for k, v in interleave(runs, reps).items()}
-    base = stats["base"]["median_s"]
-    over = {k: stats[k]["median_s"] - base for k in ("lorakit", "peft")}
+    times = interleave(runs, reps)
+    stats = {k: summarize(v) for k, v in times.items()}
+    # Per round: each LoRA's overhead over the bare layer, and lorakit's time minus PEFT's.
+    rounds = {
+        "lorakit_overhead": difference_stats(times["lorakit"], times["base"]),
+        "peft_overhead": difference_stats(times["peft"], times["base"]),
+        "lorakit_minus_peft": difference_stats(times["lorakit"], times["peft"]),
+    }
+    round_over = {k: rounds[f"{k}_overhead"]["median_s"] for k in ("lorakit", "peft")}
     module = "c_attn (q|k|v)" if shape.family == "gpt2" else "query"
     return {
         "model": shape_name,
         "module": module,
+        "mode": "forward+backward" if train else "inference forward",
         "tokens": rows * seq,
+        "calls_per_unit": inner,
         "r": r,
         "contenders": stats,
-        "overhead_s": over,
-        "overhead_lorakit_over_peft": over["lorakit"] / over["peft"] if over["peft"] > 0 else None,
+        "rounds": rounds,
+        "overhead_lorakit_over_peft": (
+            round_over["lorakit"] / round_over["peft"] if round_over["peft"] > 0 else None
+        ),
     }
 
 
@@ -342,5 +366,8 @@ def inference_benchmark(
             s["ratio_to_base"] = s["median_s"] / base_median
             s["cpu_ratio_to_base"] = s["cpu_median_s"] / base_cpu
             s["round_ratio_to_base"] = ratio_stats(times[name], times["base"])
+        stats["lorakit_unmerged"]["round_ratio_to_peft"] = ratio_stats(
+            times["lorakit_unmerged"], times["peft_unmerged"]
+        )
         result["batches"][str(rows)] = stats
     return result
