@@ -1,9 +1,10 @@
 """What the benchmark sections share: the models they build, the three contenders (lorakit LoRA, PEFT
 LoRA, full fine-tuning), interleaved timing, peak memory, and the JSON they write.
 
-Timing rule for every section: contenders run interleaved (A B C, B C A, C A B, ...) and each figure is
-a median, so a burst of load from another process on the machine falls on all of them alike; ratios
-are taken only between figures from the same run.
+Timing rule for every section: contenders run interleaved, in rounds whose orders balance who runs
+first and who runs after whom (``round_orders``), and each figure is a median, so a burst of load from
+another process on the machine falls on all of them alike; ratios are taken only between figures from
+the same run.
 """
 
 from __future__ import annotations
@@ -178,17 +179,30 @@ def timed(fn: Callable[[], Any], device: torch.device) -> Timing:
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def rotations(names: Sequence[str], reps: int) -> list[list[str]]:
-    """``reps`` rounds over ``names``, each round starting one later (A B C, B C A, C A B, ...), so no
-    contender always runs right after the same neighbour."""
+def round_orders(names: Sequence[str], reps: int) -> list[list[str]]:
+    """``reps`` rounds over ``names``, in the orders of a Williams design: every name runs first, and
+    right after every other name, equally often over each full cycle of rows (n rows for an even count,
+    2n for an odd one). Plain rotations (A B C, B C A, ...) keep each name's cyclic neighbour, so a
+    contender that leaves the caches or the allocator in a worse state would always slow the same
+    successor; here that cost spreads over all of them."""
     n = len(names)
-    return [[names[(i + k) % n] for k in range(n)] for i in range(reps)]
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:  # 0, 1, n-1, 2, n-2, ...
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    rows = [[(k + i) % n for k in first] for i in range(n)]
+    if n % 2:
+        rows += [row[::-1] for row in rows]
+    return [[names[k] for k in rows[i % len(rows)]] for i in range(reps)]
 
 
 def interleave(runs: Mapping[str, Callable[[], Timing]], reps: int) -> dict[str, list[Timing]]:
     """Call every ``runs[name]()`` ``reps`` times, interleaved; their timings by name."""
     times: dict[str, list[Timing]] = {name: [] for name in runs}
-    for order in rotations(list(runs), reps):
+    for order in round_orders(list(runs), reps):
         for name in order:
             times[name].append(runs[name]())
     return times

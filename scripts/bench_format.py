@@ -41,9 +41,11 @@ def count(n: int) -> str:
 
 def round_ratio(x: dict[str, Any], y: dict[str, Any]) -> str:
     """Median over rounds of x's time over y's in the same round (wall clock, then CPU time in brackets);
-    ``x`` and ``y`` are summaries of interleaved timings, round i being each one's i-th."""
-    wall = statistics.median(a / b for a, b in zip(x["times_s"], y["times_s"], strict=True))
-    cpu = statistics.median(a / b for a, b in zip(x["cpu_times_s"], y["cpu_times_s"], strict=True))
+    ``x`` and ``y`` are summaries of interleaved timings, round i being each one's i-th; where one ran in
+    fewer rounds (full fine-tuning may), the rounds both ran in."""
+    n = min(x["reps"], y["reps"])
+    wall = statistics.median(a / b for a, b in zip(x["times_s"][:n], y["times_s"][:n], strict=True))
+    cpu = statistics.median(a / b for a, b in zip(x["cpu_times_s"][:n], y["cpu_times_s"][:n], strict=True))
     return f"{wall:.2f} ({cpu:.2f})"
 
 

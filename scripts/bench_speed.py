@@ -93,13 +93,24 @@ def _step_worker(conn: Connection, job: dict[str, Any]) -> None:
 
 
 def train_step_benchmark(
-    shape_name: str, rows: int, seq: int, reps: int, r: int = 8, alpha: float = 16.0
+    shape_name: str,
+    rows: int,
+    seq: int,
+    reps: int,
+    full_reps: int | None = None,
+    r: int = 8,
+    alpha: float = 16.0,
 ) -> dict[str, Any]:
     """Median step time and peak memory of each contender on ``shape_name``, and the ratios.
+
+    ``reps`` rounds of the two LoRA contenders, the first ``full_reps`` (default: all) of them with a
+    full fine-tuning step too: LoRA against full has a wide margin to its target, lorakit against PEFT
+    a narrow one, and a full step is the longest of the three.
 
     Every contender trains with lorakit's ``build_optimizer``: torch's fused AdamW, the kernel the
     Hugging Face Trainer defaults to, so full fine-tuning is measured at its fastest.
     """
+    full_reps = reps if full_reps is None else min(full_reps, reps)
     ctx = mp.get_context("spawn")  # a fresh interpreter each: nothing inherited, memory measured alone
     workers: dict[str, tuple[Any, Connection]] = {}
     info: dict[str, dict[str, Any]] = {}
@@ -128,7 +139,10 @@ def train_step_benchmark(
 
             return run
 
-        times = interleave({name: runner(name) for name in CONTENDERS}, reps)
+        times = interleave({name: runner(name) for name in CONTENDERS}, full_reps)
+        lora = {name: runner(name) for name in CONTENDERS if name != "full"}
+        for name, more in interleave(lora, reps - full_reps).items():
+            times[name] += more
         for name, (proc, conn) in workers.items():
             conn.send("stop")
             info[name].update(conn.recv())
@@ -154,7 +168,7 @@ def train_step_benchmark(
     }
     # Round by round: each round runs every contender once, so its ratios see about the same machine.
     result["round_ratios"] = {
-        f"{a}_over_{b}": ratio_stats(times[a], times[b])
+        f"{a}_over_{b}": ratio_stats(times[a][: len(times[b])], times[b])
         for a, b in (("lorakit", "peft"), ("lorakit", "full"), ("peft", "full"))
     }
     return result
@@ -236,12 +250,16 @@ def layer_benchmark(
     """What the LoRA layers themselves cost: one adapted projection at the model's width and ``rows`` ×
     ``seq`` tokens, bare (frozen, as inside a LoRA model), with lorakit's LoRA and with PEFT's, in
     interleaved rounds. ``train``: forward and backward (dL/dx and the LoRA gradients); else a forward
-    under inference_mode, each timed unit repeating it until about 2,048 tokens have passed, so a unit
-    lasts long enough to time. Non-zero B, as after the first steps.
+    under inference_mode, each timed unit repeating it until about 512 tokens have passed (a unit of
+    milliseconds, well inside the machine's drift of a second or so), with lorakit's layer merged and
+    unloaded as a fourth contender.
+    Non-zero B, as after the first steps.
 
     A LoRA model differs from its base, and lorakit's from PEFT's, only in these layers, and one layer
     runs in milliseconds, far shorter than the machine's speed drifts (seconds): this is where the
     implementations' costs can be told apart to a fraction of a percent of a whole forward pass."""
+    from lorakit.lora import unload_lora
+
     device = setup_torch()
     shape = SHAPES[shape_name]
     layers = {name: _one_layer(shape, name, r).to(device) for name in ("base", "lorakit", "peft")}
@@ -250,9 +268,11 @@ def layer_benchmark(
             for pname, p in module.named_parameters():
                 if "lora_B" in pname:
                     p.normal_(0, 0.02)
+    if not train:  # lorakit's layer merged and unloaded: the bare module again, W0 + BA in its weight
+        layers["merged"] = unload_lora(copy.deepcopy(layers["lorakit"]))
     d = shape.config.get("n_embd", shape.config.get("hidden_size"))
     x = torch.randn(rows * seq, d, device=device, requires_grad=train)
-    inner = 1 if train else max(1, 2048 // (rows * seq))
+    inner = 1 if train else max(1, 512 // (rows * seq))
 
     def runner(module: nn.Module):
         def step() -> None:
@@ -277,6 +297,8 @@ def layer_benchmark(
         "peft_overhead": difference_stats(times["peft"], times["base"]),
         "lorakit_minus_peft": difference_stats(times["lorakit"], times["peft"]),
     }
+    if "merged" in times:
+        rounds["merged_over_base"] = ratio_stats(times["merged"], times["base"])
     round_over = {k: rounds[f"{k}_overhead"]["median_s"] for k in ("lorakit", "peft")}
     module = "c_attn (q|k|v)" if shape.family == "gpt2" else "query"
     return {
@@ -315,6 +337,14 @@ def _copy_adapter_to_peft(ours: nn.Module, theirs: nn.Module) -> None:
             peft_layer.lora_B["default"].weight.copy_(module.lora_B)
 
 
+def _structure(model: nn.Module) -> list[tuple[str, str, tuple[tuple[int, ...], ...], str]]:
+    """Each module's name, class, parameter shapes and dtype: what decides the kernels a forward runs."""
+    return [
+        (name, type(m).__name__, tuple(tuple(p.shape) for p in m.parameters(recurse=False)), str(m.training))
+        for name, m in model.named_modules()
+    ] + [("dtype", str({p.dtype for p in model.parameters()}), (), "")]
+
+
 def inference_benchmark(
     shape_name: str, batch_sizes: Sequence[int], seq: int, reps: Sequence[int], r: int = 8
 ) -> dict[str, Any]:
@@ -344,6 +374,7 @@ def inference_benchmark(
     result["max_abs_diff_vs_lorakit_unmerged"] = {
         k: float((v - outs["lorakit_unmerged"]).abs().max()) for k, v in outs.items()
     }
+    result["merged_structure_is_base"] = _structure(merged) == _structure(base)
     for rows, n in zip(batch_sizes, reps, strict=True):
         ids = make_batch(shape, rows, seq, device)["input_ids"]
 

@@ -3,6 +3,8 @@ step per contender on a tiny model through ``bench.main``. Fields are checked, n
 
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 import statistics
 import subprocess
@@ -49,7 +51,7 @@ def test_quick_sizes_writes_json_and_results(tmp_path: Path) -> None:
 def test_one_step_timing_on_a_tiny_model(bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     plan = bench._plan(quick=True)
     tiny = {
-        "speed": [("roberta-tiny", 2, 16, 2)],
+        "speed": [("roberta-tiny", 2, 16, 3, 2)],  # 3 rounds, full fine-tuning in the first 2
         "paired": [("roberta-tiny", 2, 16, 3)],
         "layers": [("roberta-tiny", 2, 16, 2)],
     }
@@ -60,8 +62,9 @@ def test_one_step_timing_on_a_tiny_model(bench, tmp_path: Path, monkeypatch: pyt
     assert model["model"] == "roberta-tiny" and model["batch"] == 2 and model["seq"] == 16
     contenders = model["contenders"]
     assert set(contenders) == {"lorakit", "peft", "full"}
-    for c in contenders.values():
-        assert c["reps"] == 2 and len(c["times_s"]) == 2 and c["median_s"] > 0
+    for name, c in contenders.items():
+        reps = 2 if name == "full" else 3
+        assert c["reps"] == reps and len(c["times_s"]) == reps and c["median_s"] > 0
         assert c["peak_memory_bytes"] > 0 and c["trainable"] > 0
     # Same targets, rank and head: both LoRA contenders train exactly the same number of parameters.
     assert contenders["lorakit"]["trainable"] == contenders["peft"]["trainable"]
@@ -78,6 +81,10 @@ def test_one_step_timing_on_a_tiny_model(bench, tmp_path: Path, monkeypatch: pyt
     )
     assert rounds["lorakit_over_peft"]["ratio_median"] == pytest.approx(
         statistics.median(a / b for a, b in zip(ours, peft, strict=True))
+    )
+    full = contenders["full"]["times_s"]  # against full: the rounds it ran in
+    assert rounds["lorakit_over_full"]["ratios"] == pytest.approx(
+        [a / b for a, b in zip(ours[:2], full, strict=True)]
     )
     (pair,) = data["result"]["paired"]
     assert pair["pairs"] == 3 and len(pair["ratios"]) == 3
@@ -107,11 +114,44 @@ def test_one_step_timing_on_a_tiny_model(bench, tmp_path: Path, monkeypatch: pyt
     ratio = layer["overhead_lorakit_over_peft"]
     if peft_over > 0:
         assert ratio == pytest.approx(ours_over / peft_over)
-        assert f"query overhead {ratio:.2f} of PEFT's" in results
     else:  # a tiny layer's overhead can come out ≤ 0 on a noisy machine: no ratio then
         assert ratio is None
+    (row,) = [line for line in results.splitlines() if "lorakit step no slower than PEFT's" in line]
+    assert "; query overhead " in row and " vs PEFT's " in row and "lorakit − PEFT " in row
+    assert row.endswith("| yes |") == (ours_over <= peft_over and pair["ratio_ci95"][0] <= 1.0)
     assert "| roberta-tiny | 2 × 16 | lorakit LoRA |" in results
     assert (tmp_path / "quick" / "train_step.png").is_file()
+
+
+def test_structure_tells_an_adapted_model_from_its_base(bench) -> None:
+    import copy
+
+    from bench_common import SHAPES, apply_contender, build_base
+    from bench_speed import _structure
+
+    shape = SHAPES["roberta-tiny"]
+    base = build_base(shape).eval()
+    assert _structure(copy.deepcopy(base)) == _structure(base)
+    assert _structure(copy.deepcopy(base).train()) != _structure(base)  # dropout would run
+    assert _structure(apply_contender(copy.deepcopy(base), shape, "lorakit", 4, 8.0)) != _structure(base)
+    assert _structure(copy.deepcopy(base).half()) != _structure(base)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+def test_round_orders_balance_who_runs_first_and_after_whom(bench, n: int) -> None:
+    """Over a full cycle of rows, each name runs first equally often and follows every other name
+    equally often: no contender always inherits the same predecessor's caches."""
+    from bench_common import round_orders
+
+    names = "ABCDE"[:n]
+    cycle = n if n % 2 == 0 else 2 * n
+    orders = round_orders(names, cycle)
+    assert all(sorted(order) == list(names) for order in orders)
+    firsts = collections.Counter(order[0] for order in orders)
+    assert set(firsts.values()) == {cycle // n}
+    follows = collections.Counter(pair for order in orders for pair in itertools.pairwise(order))
+    assert len(follows) == n * (n - 1) and len(set(follows.values())) == 1
+    assert round_orders(names, cycle + 1)[-1] == orders[0]  # the cycle repeats
 
 
 def test_ratio_stats_takes_ratios_round_by_round(bench) -> None:
@@ -144,6 +184,7 @@ def test_inference_on_a_tiny_model(bench, tmp_path: Path, monkeypatch: pytest.Mo
     # Merging changes nothing but rounding; the adapter itself moves the logits; PEFT has the same adapter.
     assert diffs["lorakit_merged"] < 1e-5 and diffs["peft_unmerged"] < 1e-5
     assert diffs["base"] > 1e-6 and diffs["base"] > 10 * diffs["lorakit_merged"]
+    assert result["merged_structure_is_base"] is True
     assert set(result["batches"]) == {"1", "3"}
     for rows, reps in (("1", 2), ("3", 3)):
         stats = result["batches"][rows]
@@ -160,11 +201,20 @@ def test_inference_on_a_tiny_model(bench, tmp_path: Path, monkeypatch: pytest.Mo
         assert vs_peft == pytest.approx([a / b for a, b in zip(ours, theirs, strict=True)])
     (layer,) = result["layers"]
     assert layer["mode"] == "inference forward" and layer["tokens"] == 16
-    assert layer["calls_per_unit"] == 2048 // 16 and layer["contenders"]["base"]["reps"] == 3
+    assert layer["calls_per_unit"] == 512 // 16 and layer["contenders"]["base"]["reps"] == 3
+    assert set(layer["contenders"]) == {"base", "lorakit", "peft", "merged"}
+    merged, base = layer["contenders"]["merged"]["times_s"], layer["contenders"]["base"]["times_s"]
+    assert layer["rounds"]["merged_over_base"]["ratios"] == pytest.approx(
+        [a / b for a, b in zip(merged, base, strict=True)]
+    )
     results = (tmp_path / "quick" / "RESULTS.md").read_text()
     assert "## Inference latency: roberta-tiny, seq 16, r = 8" in results
     assert "| batch 3: merged within 2% of the base model |" in results
-    assert "| batch 1: unmerged overhead ≤ PEFT's | adapted layer's overhead" in results
+    assert (
+        "| batch 1: merged within 2% of the base model | the base model's modules, shapes and dtypes: yes; "
+        in results
+    )
+    assert "| batch 1: unmerged overhead ≤ PEFT's | query overhead " in results
     assert "### One adapted layer, inference forward" in results
     assert (tmp_path / "quick" / "inference.png").is_file()
 
