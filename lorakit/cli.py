@@ -35,15 +35,13 @@ SetOption = Annotated[
 
 
 def _run_dir_or_latest(run_dir: Path | None) -> Path:
-    from lorakit.reporting import latest_run
+    from lorakit.runs import RECIPE_FILE, latest_run_or_error
 
     if run_dir is not None:
-        if not (run_dir / "recipe.yaml").is_file():
-            raise UserError("not a lorakit run directory (no recipe.yaml)", where=str(run_dir))
+        if not (run_dir / RECIPE_FILE).is_file():
+            raise UserError(f"not a lorakit run directory (no {RECIPE_FILE})", where=str(run_dir))
         return run_dir
-    latest = latest_run()
-    if latest is None:
-        raise UserError("no run yet: train one first, or name RUN_DIR", where="RUN_DIR")
+    latest = latest_run_or_error()
     console.print(f"[dim]using the latest run: {latest}[/dim]")
     return latest
 
@@ -67,12 +65,12 @@ def train(
     if num_processes is not None:
         overrides.append(f"train.num_processes={num_processes}")
     loaded = load_recipe(recipe, overrides)
-    from lorakit.launch import launch, needs_launch
+    from lorakit.training.launch import launch, needs_launch
 
     if needs_launch(loaded):  # several processes: this one starts them and waits
         argv = ["train", str(recipe), *(arg for o in overrides for arg in ("--set", o))]
         raise typer.Exit(launch(loaded, [*argv, "--resume"] if resume else argv, resume))
-    from lorakit.train import train as run_training
+    from lorakit.training.loop import train as run_training
 
     result = run_training(loaded, resume=resume)
     if not result.main_process:
@@ -187,10 +185,10 @@ def generate(
 ) -> None:
     """Generate with a trained adapter, unmerged or merged; prints one output per input line."""
     from lorakit.generate import generate as run_generation
-    from lorakit.generate import latest_model_dir
+    from lorakit.runs import latest_run_or_error
 
     if model_dir is None:
-        model_dir = latest_model_dir()
+        model_dir = latest_run_or_error()
         # On stderr: stdout holds the outputs only, one a line.
         Console(stderr=True).print(f"[dim]using the latest run: {model_dir}[/dim]")
     outputs = run_generation(model_dir, input_, recipe, task, num_beams, max_new_tokens, greedy)

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lorakit.loaders import EvalSet
+from lorakit.data.loaders import EvalSet
 from lorakit.tasks.base import Task
 
 
@@ -120,7 +120,10 @@ def evaluate(
     tokenizer: Any = None,
     generation: Any = None,
 ) -> tuple[dict[str, float], dict[str, list[Any]]]:
-    """Metrics (keys prefixed per split where the task has several) and the predictions per split."""
+    """Metrics (keys prefixed per split where the task has several) and the predictions per split.
+
+    The model runs in eval mode and is left in the mode the caller had it in."""
+    was_training = model.training
     metrics: dict[str, float] = {}
     predictions: dict[str, list[Any]] = {}
     for es in eval_sets:
@@ -136,7 +139,7 @@ def evaluate(
         predictions[es.split] = preds
         for name, value in task.compute_metrics(preds, es.rows).items():
             metrics[metric_key(es.prefix, name)] = float(value)
-    model.train()
+    model.train(was_training)
     return metrics, predictions
 
 
@@ -184,13 +187,13 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate a trained run on its task's evaluation splits (or ``split``); writes
     ``RUN_DIR/eval/metrics-<split>.json`` and ``predictions-<split>.jsonl`` and returns the metrics."""
-    from lorakit.loaders import eval_sets
+    from lorakit.data.loaders import eval_sets
     from lorakit.models import load_trained
     from lorakit.recipe import load_recipe
-    from lorakit.reporting import write_json
+    from lorakit.runs import RECIPE_FILE, write_json
     from lorakit.tasks import get_task
 
-    recipe = load_recipe(run_dir / "recipe.yaml", overrides)
+    recipe = load_recipe(run_dir / RECIPE_FILE, overrides)
     task = get_task(recipe.task.name, recipe.task.data_dir)
     splits = {"": split} if split else task.eval_splits
     prepared = load_trained(run_dir, recipe, task)

@@ -143,16 +143,6 @@ def build_prompts(inputs: list[Input], task: str | None) -> list[str]:
     return prompts
 
 
-def latest_model_dir() -> Path:
-    """The most recent run; UserError when there is none."""
-    from lorakit.reporting import latest_run
-
-    latest = latest_run()
-    if latest is None:
-        raise UserError("no run yet: train one first, or name RUN_DIR", where="RUN_DIR")
-    return latest
-
-
 def _load_recipe(path: Path) -> Recipe:
     from lorakit.recipe import load_recipe
     from lorakit.tasks import GENERATION_NAMES

@@ -18,9 +18,7 @@ from rich.text import Text
 from torch import nn
 
 from lorakit.errors import UserError
-from lorakit.lora import ParameterCounts, count_parameters, lora_modules
-from lorakit.lora.inject import saved_module_names
-from lorakit.lora.layers import LoraFusedLinear
+from lorakit.lora import LoraFusedLinear, ParameterCounts, count_parameters, lora_modules, saved_module_names
 from lorakit.models import apply_lora, empty_model, model_config
 from lorakit.recipe import Recipe
 from lorakit.tasks import get_task

@@ -9,31 +9,33 @@ name the recipe key at fault.
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from lorakit.errors import UserError
 from lorakit.lora import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
     LoraConfig,
     ParameterCounts,
     TargetNotFoundError,
     count_parameters,
     inject_lora,
+    is_lora_parameter,
     load_adapter,
     lora_modules,
     mark_trainable,
-    presets,
+    read_adapter,
+    resolve_defaults,
+    saved_module_names,
+    seq_cls_heads,
+    suffix_matches,
 )
-from lorakit.lora.adapter_io import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, write_adapter_files
-from lorakit.lora.inject import is_lora_parameter, resolve_defaults, saved_module_names, suffix_matches
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -174,7 +176,7 @@ def lora_config(recipe: Recipe, model: nn.Module, task: Task) -> LoraConfig:
         model_type = getattr(getattr(model, "config", None), "model_type", "")
         names = [n for n, _ in model.named_modules() if n]
         # Filtered by presence: the fallback for unknown architectures names two candidates at once.
-        to_save = [h for h in presets.seq_cls_heads(model_type) if any(suffix_matches(n, h) for n in names)]
+        to_save = [h for h in seq_cls_heads(model_type) if any(suffix_matches(n, h) for n in names)]
         if not to_save:
             raise UserError(
                 f"cannot tell which modules form the head of a {model_type!r} model; set them",
@@ -217,40 +219,21 @@ def _init_from_run(recipe: Recipe, model: nn.Module, config: LoraConfig) -> None
     """
     run_dir = Path(str(recipe.lora.init_from))
     where = recipe.where("lora.init_from")
-    weights = run_dir / WEIGHTS_NAME
-    if not weights.is_file() or not (run_dir / CONFIG_NAME).is_file():
+    if not (run_dir / WEIGHTS_NAME).is_file() or not (run_dir / CONFIG_NAME).is_file():
         raise UserError(f"{run_dir} holds no adapter ({WEIGHTS_NAME} and {CONFIG_NAME})", where)
     heads = saved_module_names(model, config.modules_to_save)
     params = dict(model.named_parameters())
-    with safe_open(str(weights), framework="pt") as f:
-        keys = list(f.keys())  # noqa: SIM118  (safe_open handles are not iterable)
-        metadata = f.metadata()
-        head_keys = {
-            k
-            for k in keys
-            if not is_lora_parameter(k)
-            and any(k.removeprefix(PEFT_PREFIX).startswith(h + ".") for h in heads)
-        }
-        resized = [
-            k
-            for k in head_keys
-            if k.removeprefix(PEFT_PREFIX) in params
-            and tuple(f.get_slice(k).get_shape()) != tuple(params[k.removeprefix(PEFT_PREFIX)].shape)
-        ]
-        kept = {k: f.get_tensor(k) for k in keys if k not in head_keys} if resized else None
     try:
-        if kept is None:
-            load_adapter(model, run_dir)
-        else:
+        _, tensors, _ = read_adapter(run_dir)
+        head_keys = {
+            k for k in tensors if not is_lora_parameter(k) and any(k.startswith(h + ".") for h in heads)
+        }
+        resized = [k for k in sorted(head_keys) if k in params and tensors[k].shape != params[k].shape]
+        if resized:
             logger.info(
                 "%s: head shapes differ (%s); loading LoRA only, the head starts fresh", run_dir, resized[0]
             )
-            # The core loads whole adapter directories; a copy without the head keeps its semantics
-            # (strict module matching, fused-slice metadata) without a second loading path.
-            file_config = json.loads((run_dir / CONFIG_NAME).read_text())
-            with tempfile.TemporaryDirectory(prefix="lorakit-init-") as tmp:
-                write_adapter_files(tmp, kept, file_config, metadata)
-                load_adapter(model, tmp)
+        load_adapter(model, run_dir, keep=(lambda k: k not in head_keys) if resized else None)
     except (ValueError, RuntimeError) as exc:
         raise UserError(f"cannot start from the adapter in {run_dir}: {_one_line(exc)}", where) from None
     # load_adapter marks trainable from the file's config; the recipe decides what trains now.

@@ -190,7 +190,7 @@ def train(model: nn.Module, data: Prepared, hp: Hyper, lr: float, device: torch.
     from transformers import get_scheduler
 
     from lorakit.data import PaddingCollator, build_train_dataloader
-    from lorakit.optimization import build_optimizer, task_loss
+    from lorakit.training.optimization import build_optimizer, task_loss
 
     tokenizer_pad = PaddingCollator(_tokenizer())
     loader = build_train_dataloader(data.train, tokenizer_pad, hp.batch_size, hp.seed, group_by_length=True)

@@ -55,7 +55,7 @@ def make_batch(shape: ModelShape, rows: int, seq: int, device: torch.device) -> 
 def _train_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], kind: str
 ):
-    from lorakit.optimization import task_loss
+    from lorakit.training.optimization import task_loss
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     loss = task_loss(logits, batch["labels"], kind, 0.0)
@@ -66,7 +66,7 @@ def _train_step(
 
 def _step_worker(conn: Connection, job: dict[str, Any]) -> None:
     """One contender in its own process: build, then answer "warmup" | "step" | "stop"."""
-    from lorakit.optimization import build_optimizer
+    from lorakit.training.optimization import build_optimizer
 
     device = setup_torch(job["threads"])
     shape = SHAPES[job["shape"]]
@@ -183,7 +183,7 @@ def paired_step_benchmark(shape_name: str, rows: int, seq: int, pairs: int, r: i
     alternating), so a drift falls on both halves of a pair; the figure is the median of the pairs'
     ratios, with a bootstrap 95% interval.
     """
-    from lorakit.optimization import build_optimizer
+    from lorakit.training.optimization import build_optimizer
 
     device = setup_torch()
     shape = SHAPES[shape_name]

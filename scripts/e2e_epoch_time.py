@@ -71,9 +71,9 @@ def time_shape(name: str, batches: list[dict[str, torch.Tensor]], device: torch.
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from lorakit.models import apply_lora
-    from lorakit.optimization import build_optimizer, task_loss
     from lorakit.recipe import recipe_from_dict
     from lorakit.tasks import get_task
+    from lorakit.training.optimization import build_optimizer, task_loss
 
     recipe = recipe_from_dict({**RECIPE, "model": {"name_or_path": name}}, source="e2e_epoch_time")
     torch.manual_seed(0)

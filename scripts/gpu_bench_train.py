@@ -55,7 +55,7 @@ def run_method(
     method: str, device: str, steps: int, batch: int, seq_len: int, precision: str
 ) -> dict[str, Any]:
     """Train ``steps`` timed steps (after untimed warm-up ones) and measure samples/s and peak memory."""
-    from lorakit.optimization import build_optimizer, float32_trainables, task_loss
+    from lorakit.training.optimization import build_optimizer, float32_trainables, task_loss
 
     model = _model(method, device)
     float32_trainables(model)

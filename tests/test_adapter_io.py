@@ -201,3 +201,24 @@ def test_loralib_checkpoint_converts_losslessly_and_peft_applies_alpha_over_r_ba
     ids = torch.randint(3, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert _max_diff(ours(input_ids=ids).logits, peft_model(input_ids=ids).logits) <= 1e-5
+
+
+def test_load_adapter_keeps_only_the_tensors_the_filter_keeps(tmp_path: Path, token_batch) -> None:
+    heads = seq_cls_heads("roberta")
+    config = LoraConfig(r=4, alpha=8, target_modules=["query", "value"], modules_to_save=heads)
+    source = tiny_roberta()
+    inject_lora(source, config)
+    mark_trainable(source, "none", heads)
+    randomize_lora(source)
+    _perturb_heads(source, heads)
+    save_adapter(source, tmp_path, config)
+
+    target = tiny_roberta()
+    fresh_head = {k: v.clone() for k, v in target.state_dict().items() if k.startswith("classifier.")}
+    load_adapter(target, tmp_path, keep=lambda name: not name.startswith("classifier."))
+    loaded = dict(target.named_parameters())
+    for name, value in fresh_head.items():  # the head is the target's own, untouched
+        assert torch.equal(loaded[name], value), name
+    for path, module in lora_modules(source):  # every LoRA pair came from the file
+        assert torch.equal(target.get_submodule(path).lora_A, module.lora_A)
+        assert torch.equal(target.get_submodule(path).lora_B, module.lora_B)

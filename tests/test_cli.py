@@ -184,7 +184,7 @@ def test_resume_after_interruption_ends_with_the_same_adapter(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    import lorakit.train as train_mod
+    import lorakit.training.loop as train_mod
 
     common = {"train": {"max_steps": 6, "save_every": 2, "eval_every": 3, "batch_size": 8}}
     straight = write_recipe(

@@ -23,10 +23,11 @@ from conftest import save_tiny_roberta
 from safetensors.torch import load_file
 
 from lorakit.cli import main
-from lorakit.launch import _LAUNCHER_VARIABLES, launch_arguments, needs_launch
-from lorakit.optimization import global_mean_loss, task_loss
 from lorakit.recipe import recipe_from_dict
-from lorakit.sharding import ProcessSlices
+from lorakit.training.launch import launch_arguments, needs_launch
+from lorakit.training.optimization import global_mean_loss, task_loss
+from lorakit.training.preflight import _LAUNCHER_VARIABLES
+from lorakit.training.sharding import ProcessSlices
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5
@@ -184,7 +185,7 @@ def test_processes_that_accelerate_does_not_join_up_are_refused(
 ) -> None:
     """torchrun without ACCELERATE_USE_CPU on a machine without a GPU: every process would train alone."""
     from lorakit.errors import UserError
-    from lorakit.launch import check_process_count
+    from lorakit.training.preflight import check_process_count
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="ACCELERATE_USE_CPU"):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import tiny_roberta
 
 from lorakit.data import IGNORE_INDEX
-from lorakit.optimization import build_optimizer, task_loss
+from lorakit.training.optimization import build_optimizer, task_loss
 
 
 def test_next_token_loss_is_the_shifted_cross_entropy_over_target_tokens() -> None:

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 
 from lorakit.cli import main
 from lorakit.models import apply_lora
-from lorakit.optimization import build_optimizer, float32_trainables, task_loss
 from lorakit.recipe import recipe_from_dict
 from lorakit.tasks import get_task
-from lorakit.train import enable_gradient_checkpointing
+from lorakit.training.loop import enable_gradient_checkpointing
+from lorakit.training.optimization import build_optimizer, float32_trainables, task_loss
 
 NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = [pytest.mark.cuda, NO_CUDA]

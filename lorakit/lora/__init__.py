@@ -2,27 +2,39 @@
 so it can be lifted out and used on any torch model, as loralib is."""
 
 from lorakit.lora.adapter_io import (
+    CONFIG_NAME,
+    PEFT_PREFIX,
+    WEIGHTS_NAME,
     import_loralib_checkpoint,
     load_adapter,
     read_adapter,
     save_adapter,
+    write_adapter_files,
 )
+from lorakit.lora.config import LoraConfig
 from lorakit.lora.inject import (
-    LoraConfig,
     ParameterCounts,
     TargetNotFoundError,
     count_parameters,
     find_targets,
     inject_lora,
+    is_lora_parameter,
     lora_modules,
     mark_trainable,
     merge_lora,
+    resolve_defaults,
+    saved_module_names,
+    suffix_matches,
     unload_lora,
     unmerge_lora,
 )
 from lorakit.lora.layers import LoraEmbedding, LoraFusedLinear, LoraLinear, lora_scaling
+from lorakit.lora.presets import fused_slices, paper_targets, seq_cls_heads
 
 __all__ = [
+    "CONFIG_NAME",
+    "PEFT_PREFIX",
+    "WEIGHTS_NAME",
     "LoraConfig",
     "LoraEmbedding",
     "LoraFusedLinear",
@@ -31,15 +43,23 @@ __all__ = [
     "TargetNotFoundError",
     "count_parameters",
     "find_targets",
+    "fused_slices",
     "import_loralib_checkpoint",
     "inject_lora",
+    "is_lora_parameter",
     "load_adapter",
     "lora_modules",
     "lora_scaling",
     "mark_trainable",
     "merge_lora",
+    "paper_targets",
     "read_adapter",
+    "resolve_defaults",
     "save_adapter",
+    "saved_module_names",
+    "seq_cls_heads",
+    "suffix_matches",
     "unload_lora",
     "unmerge_lora",
+    "write_adapter_files",
 ]

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -294,13 +294,19 @@ def _copy_lora_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor]) ->
     return used
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoraConfig:
+def load_adapter(
+    model: nn.Module, adapter_dir: str | Path, keep: Callable[[str], bool] | None = None
+) -> LoraConfig:
     """Load an adapter written by lorakit or PEFT into ``model``, in place; returns its LoraConfig.
 
     A model without LoRA layers gets them injected as the file describes; one that has them (injected
     from a recipe) must match the file exactly. Saved modules and biases are copied in as well.
+    ``keep``: which of the file's tensors (named without PEFT's prefix) to load; the rest are ignored,
+    as if the file did not hold them (a head of another label count, say).
     """
     file_config, tensors, fused = read_adapter(adapter_dir)
+    if keep is not None:
+        tensors = {k: v for k, v in tensors.items() if keep(k)}
     if file_config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{adapter_dir}: peft_type {file_config.get('peft_type')!r} is not LORA")
     config = config_from_file(file_config, tensors, fused)

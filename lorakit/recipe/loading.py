@@ -1,4 +1,4 @@
-"""The recipe: one YAML file naming the base model, the task, the LoRA settings and the training setup.
+"""Reading a recipe: one YAML file naming the base model, the task, the LoRA settings and the training setup.
 
 ``load_recipe`` reads the file, applies ``--set key.path=value`` overrides and validates the result into
 a typed ``Recipe``. Every key has a default and unknown keys are errors. Any problem becomes a single
@@ -15,24 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ValidationError,
-)
+from pydantic import BaseModel, ValidationError
 
 from lorakit.errors import UserError
-from lorakit.recipe_schema import (  # noqa: F401  (re-exported: the schema is part of this module's API)
-    _SECTIONS,
-    DEFAULT_OUTPUT_DIR,
-    GenerationSection,
-    LoraSection,
-    ModelSection,
-    Recipe,
-    TaskSection,
-    TrainSection,
-    _Section,
-    _show,
-)
+from lorakit.recipe.schema import Recipe, show_value
 
 
 class _Loader(yaml.SafeLoader):
@@ -184,7 +170,7 @@ _MESSAGES = {
 def _error_message(error: Mapping[str, Any], holder: type[BaseModel] | None) -> str:
     kind = error["type"]
     ctx = error.get("ctx", {})
-    got = f" (got {_show(error['input'])})"
+    got = f" (got {show_value(error['input'])})"
     if kind == "extra_forbidden":
         return _unknown_key(str(error["loc"][-1]), holder)
     if kind in ("value_error", "assertion_error"):

@@ -1,8 +1,6 @@
-"""From a task's rows to the batches the training loop and the evaluator consume.
-
-Tokenization keeps sequences unpadded and records each one's ``length``; ``PaddingCollator`` pads every
-batch to its own longest sequence (dynamic padding); ``LengthGroupedSampler`` puts sequences of similar
-length in the same batch so that little of each batch is padding.
+"""Tokenized rows into batches: ``PaddingCollator`` pads every batch to its own longest sequence (dynamic
+padding); ``LengthGroupedSampler`` puts sequences of similar length in the same batch so that little of
+each batch is padding.
 
 Samplers are deterministic functions of ``(seed, epoch)``: Accelerate shards the batches a sampler yields
 across processes, which is only correct when every process draws the same order. The training loop calls
@@ -19,138 +17,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler, SequentialSampler
 
-if TYPE_CHECKING:  # datasets and transformers are slow to import; only their types are needed here
+from lorakit.data.tokenize import IGNORE_INDEX, MODEL_COLUMNS, model_columns
+
+if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedTokenizerBase
 
-IGNORE_INDEX = -100  # the label id PyTorch's cross-entropy skips
-MODEL_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 _PAD_WITH_ZERO = ("attention_mask", "token_type_ids")
-
-
-def subsample(dataset: datasets.Dataset, n: int | None, seed: int) -> datasets.Dataset:
-    """``n`` rows drawn by a seeded shuffle, reproducible for a given ``seed``; all rows when ``n`` is None.
-
-    The drawn rows keep the dataset's order (the shuffle picks which rows, not their order): evaluation
-    subsets then read in file order, and training shuffles anyway.
-    """
-    if n is None or n >= len(dataset):
-        return dataset
-    if n < 0:
-        raise ValueError(f"n must be non-negative, got {n}")
-    picked = np.random.default_rng(seed).permutation(len(dataset))[:n]
-    return dataset.select(np.sort(picked))
-
-
-def tokenize_classification(
-    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
-) -> datasets.Dataset:
-    """Encode ``text_a`` (and ``text_b`` as the second of a pair) into model inputs, unpadded.
-
-    Returns ``input_ids``, ``attention_mask``, ``token_type_ids`` when the tokenizer makes them, ``labels``
-    (int class ids, or floats for regression; absent when the rows have no ``label``) and ``length``. The
-    task's own columns are dropped, and rows stay in the dataset's order so predictions line up with the
-    untokenized rows. Pairs longer than ``max_length`` are cut ``longest_first``: tokens go from the
-    longer side, so neither sentence vanishes.
-    """
-
-    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        texts_a, texts_b = batch["text_a"], batch.get("text_b") or [None] * len(batch["text_a"])
-        singles = [i for i, b in enumerate(texts_b) if b is None]
-        pairs = [i for i, b in enumerate(texts_b) if b is not None]
-        rows: list[dict[str, Any]] = [{} for _ in texts_a]
-        # A tokenizer call takes all-pairs or all-singles; a batch mixing the two is encoded in two calls.
-        for group, with_pair in ((singles, False), (pairs, True)):
-            if not group:
-                continue
-            encoded = tokenizer(
-                [texts_a[i] for i in group],
-                [texts_b[i] for i in group] if with_pair else None,
-                truncation="longest_first",
-                max_length=max_length,
-            )
-            for j, i in enumerate(group):
-                rows[i] = {key: values[j] for key, values in encoded.items()}
-        out = {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
-        if "label" in batch:  # unlabeled rows (a GLUE test split) get no labels column
-            out["labels"] = list(batch["label"])
-        out["length"] = [len(ids) for ids in out.get("input_ids", [])]
-        return out
-
-    return _map(dataset, encode)
-
-
-def tokenize_causal_lm(
-    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
-) -> datasets.Dataset:
-    """Encode ``prompt`` + ``target`` + eos for decoder-only training, the loss on the target alone.
-
-    ``input_ids`` are the prompt's tokens, the target's tokens and the eos token; ``labels`` are
-    ``IGNORE_INDEX`` over the prompt and equal ``input_ids`` over target and eos (the model shifts them
-    itself). Prompt and target are encoded separately, without special tokens, so the prompt's tokens are
-    exactly those ``tokenize_prompts`` gives at evaluation.
-
-    Over ``max_length``, the target is kept whole and the prompt is cut from the left: its end (where the
-    E2E prompt's ``||`` separator sits) matters most to what comes next. The prompt never shrinks below
-    half of ``max_length`` (or its own length) though: a target that long is cut from the right instead,
-    losing its eos, since a model cannot learn to continue a prompt it never sees.
-    """
-    eos = _eos_id(tokenizer)
-
-    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        prompts = tokenizer(list(batch["prompt"]), add_special_tokens=False)["input_ids"]
-        targets = tokenizer(list(batch["target"]), add_special_tokens=False)["input_ids"]
-        out: dict[str, list[Any]] = {"input_ids": [], "attention_mask": [], "labels": [], "length": []}
-        for prompt, target in zip(prompts, targets, strict=True):
-            answer = [*target, eos]
-            keep = min(len(prompt), max(max_length - len(answer), min(len(prompt), max_length // 2)))
-            prompt = prompt[len(prompt) - keep :]
-            answer = answer[: max_length - keep]
-            out["input_ids"].append(prompt + answer)
-            out["attention_mask"].append([1] * (len(prompt) + len(answer)))
-            out["labels"].append([IGNORE_INDEX] * len(prompt) + answer)
-            out["length"].append(len(prompt) + len(answer))
-        return out
-
-    return _map(dataset, encode)
-
-
-def tokenize_prompts(
-    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
-) -> datasets.Dataset:
-    """Encode ``prompt`` alone, for generation: ``input_ids``, ``attention_mask`` and ``length``.
-
-    A prompt over ``max_length`` keeps its last ``max_length`` tokens, as ``tokenize_causal_lm`` cuts it,
-    since generation continues from the prompt's end. Rows keep the dataset's order.
-    """
-
-    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        prompts = tokenizer(list(batch["prompt"]), add_special_tokens=False)["input_ids"]
-        prompts = [ids[max(len(ids) - max_length, 0) :] for ids in prompts]
-        return {
-            "input_ids": prompts,
-            "attention_mask": [[1] * len(ids) for ids in prompts],
-            "length": [len(ids) for ids in prompts],
-        }
-
-    return _map(dataset, encode)
-
-
-def _map(dataset: datasets.Dataset, encode: Any) -> datasets.Dataset:
-    # Recomputed every time rather than read back from a cache: a stale cache keyed on a tokenizer that
-    # hashes unreliably would be a silent wrong answer, and tokenizing GLUE-sized data takes seconds.
-    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, load_from_cache_file=False)
-
-
-def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos token to end targets with")
-    return int(tokenizer.eos_token_id)
-
-
-def model_columns(dataset: datasets.Dataset) -> list[str]:
-    """The columns of ``dataset`` a model takes as inputs (``MODEL_COLUMNS`` that are present)."""
-    return [name for name in MODEL_COLUMNS if name in dataset.column_names]
 
 
 class PaddingCollator:

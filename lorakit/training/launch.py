@@ -25,38 +25,9 @@ import torch
 
 from lorakit.errors import UserError
 from lorakit.recipe import Recipe
+from lorakit.training.preflight import check_precision, inside_launched_process, run_dir_for
 
 logger = logging.getLogger(__name__)
-
-# Set by torchrun, DeepSpeed's and MPI's launchers, and (ACCELERATE_DYNAMO_BACKEND) by every
-# `accelerate launch`, one process or many.
-_LAUNCHER_VARIABLES = (
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "PMI_SIZE",
-    "OMPI_COMM_WORLD_SIZE",
-    "MV2_COMM_WORLD_SIZE",
-    "ACCELERATE_DYNAMO_BACKEND",
-)
-_WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-
-FP16_NEEDS_GPU = (
-    "fp16 mixed precision needs a GPU: on the CPU Accelerate would silently train in float32; use bf16 or no"
-)
-
-
-def inside_launched_process() -> bool:
-    """Whether this process was started by a launcher (accelerate launch, torchrun, mpirun)."""
-    return any(name in os.environ for name in _LAUNCHER_VARIABLES)
-
-
-def launched_world_size() -> int:
-    """The number of processes the launcher started (1 when none did)."""
-    for name in _WORLD_SIZE_VARIABLES:
-        value = os.environ.get(name, "")
-        if value.isdigit():
-            return int(value)
-    return 1
 
 
 def needs_launch(recipe: Recipe) -> bool:
@@ -101,11 +72,9 @@ def launch(recipe: Recipe, train_argv: Sequence[str], resume: bool) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    from lorakit.train import run_dir_for
-
-    run_dir_for(recipe, resume)  # a bad output directory is told once here, not once per process
-    if recipe.train.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise UserError(FP16_NEEDS_GPU, recipe.where("train.mixed_precision"))
+    # Told once here rather than once by every process.
+    run_dir_for(recipe, resume)
+    check_precision(recipe, "cuda" if torch.cuda.is_available() else "cpu")
     args, env = launch_arguments(recipe, train_argv)
     shown = " ".join(f"{k}={v}" for k, v in env.items())
     print(f"lorakit: {shown + ' ' if shown else ''}accelerate launch {shlex.join(args)}", file=sys.stderr)
@@ -134,23 +103,3 @@ def launch(recipe: Recipe, train_argv: Sequence[str], resume: bool) -> int:
             else:
                 os.environ[key] = value
     return 0
-
-
-def check_process_count(recipe: Recipe, num_processes: int) -> None:
-    """Fail clearly when a launcher started several processes that Accelerate does not join up (torchrun
-    on a machine without a GPU and without ``ACCELERATE_USE_CPU=true``): each would train alone and all
-    would write the same run directory."""
-    launched = launched_world_size()
-    if launched > 1 and num_processes == 1:
-        raise UserError(
-            f"started as {launched} processes but Accelerate sees one; without a GPU set "
-            "ACCELERATE_USE_CPU=true, or let `lorakit train --num-processes N` launch them",
-            recipe.where("train.num_processes"),
-        )
-    if recipe.train.num_processes not in (1, num_processes):
-        logger.warning(
-            "train.num_processes is %d but the launcher started %d processes; training on %d",
-            recipe.train.num_processes,
-            num_processes,
-            num_processes,
-        )

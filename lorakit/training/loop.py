@@ -22,20 +22,27 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 
-from lorakit.checkpoint import LoopState, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from lorakit.data.loaders import EvalSet, eval_sets, train_loader
 from lorakit.errors import UserError
 from lorakit.evaluation import evaluate, write_predictions
-from lorakit.launch import FP16_NEEDS_GPU, check_process_count
-from lorakit.loaders import EvalSet, eval_sets, train_loader
 from lorakit.lora import save_adapter
 from lorakit.models import PreparedModel, prepare_model
-from lorakit.optimization import build_optimizer, float32_trainables, global_mean_loss
-from lorakit.progress import TrainProgress
 from lorakit.recipe import Recipe, save_recipe
-from lorakit.reporting import JsonlLog, peak_memory, plot_curves, record_latest_run, write_json
-from lorakit.sharding import sliced_loader
+from lorakit.runs import METRICS_FILE, RECIPE_FILE, record_latest_run, write_json
 from lorakit.tasks import get_task
 from lorakit.tasks.base import Task
+from lorakit.training.checkpoint import (
+    LoopState,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from lorakit.training.optimization import build_optimizer, float32_trainables, global_mean_loss
+from lorakit.training.preflight import check_precision, check_process_count, run_dir_for
+from lorakit.training.progress import TrainProgress
+from lorakit.training.reporting import JsonlLog, peak_memory, plot_curves
+from lorakit.training.sharding import sliced_loader
 
 logger = logging.getLogger(__name__)
 
@@ -200,21 +207,6 @@ def _deepspeed_micro_batch(accelerator: Accelerator, batch_size: int) -> None:
         config["train_micro_batch_size_per_gpu"] = batch_size
 
 
-def run_dir_for(recipe: Recipe, resume: bool) -> Path:
-    """The run directory of ``recipe``; a UserError when resuming finds no checkpoint there, or a fresh
-    run finds another run there."""
-    run_dir = Path(recipe.output_dir)
-    if resume:
-        if latest_checkpoint(run_dir) is None:
-            raise UserError(f"no checkpoint to resume from in {run_dir / 'checkpoints'}", where="--resume")
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise UserError(
-            f"{run_dir} already holds a run; pass --resume to continue it or choose another --output-dir",
-            where=recipe.where("output_dir"),
-        )
-    return run_dir
-
-
 def _quiet_libraries() -> None:
     # The other processes of a multi-process run would repeat every library warning the main one shows.
     import datasets
@@ -242,8 +234,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
         project_dir=str(run_dir / "logs"),
     )
     check_process_count(recipe, acc.num_processes)
-    if t.mixed_precision == "fp16" and acc.device.type == "cpu":
-        raise UserError(FP16_NEEDS_GPU, recipe.where("train.mixed_precision"))
+    check_precision(recipe, acc.device.type)
     if acc.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the peak in metrics.json is this run's alone
     if not acc.is_main_process:
@@ -252,7 +243,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     acc.wait_for_everyone()
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_recipe(recipe, run_dir / "recipe.yaml")
+        save_recipe(recipe, run_dir / RECIPE_FILE)
         record_latest_run(run_dir)
     acc.init_trackers("tensorboard")
     loop = _Loop(recipe, run_dir, acc)
@@ -369,7 +360,7 @@ def _finish(loop: _Loop) -> TrainResult:
         save_trained(loop.prepared, loop.unwrapped(), loop.recipe, task, final_dir)
         weights = loop.run_dir / ("adapter_model.safetensors" if loop.prepared.lora_config else "model")
         metrics["adapter_bytes"] = _size_on_disk(weights)
-        write_json(loop.run_dir / "metrics.json", metrics)
+        write_json(loop.run_dir / METRICS_FILE, metrics)
         plot_curves(state.history, task.main_metric, loop.run_dir / "curves.png")
     acc.end_training()
     return TrainResult(run_dir=loop.run_dir, metrics=metrics, main_process=acc.is_main_process)

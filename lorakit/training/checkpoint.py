@@ -1,9 +1,11 @@
 """Resumable training state: the trainable weights, optimizer, scheduler, RNG and loop position.
 
-Only trainable parameters are stored (for LoRA a few MB, not the frozen base), in safetensors; the
-optimizer and scheduler states are plain tensors and numbers, saved with torch.save and read back with
-``weights_only=True``. A checkpoint is written under a temporary name and renamed when complete, so
-``latest_checkpoint`` never returns a half-written one.
+Only trainable parameters are stored (for LoRA a few MB, not the frozen base). Nothing is pickled: the
+tensors of the optimizer, scheduler and RNG states go into ``state.safetensors`` and the rest of their
+structure (numbers, strings, lists, dicts with integer keys, tuples) into ``state.json``, each tensor
+named there by its key, so reading a checkpoint runs no code and puts back exactly what was saved. A
+checkpoint is written under a temporary name and renamed when complete, so ``latest_checkpoint`` never
+returns a half-written one.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from torch import nn
 
 CHECKPOINTS = "checkpoints"
 _PREFIX = "step-"
+_WEIGHTS = "trainable.safetensors"
+_STATE_TENSORS = "state.safetensors"  # optimizer, scheduler and RNG tensors
+_STATE_JSON = "state.json"  # their structure, tensors named by key
+_LOOP_JSON = "loop.json"  # LoopState
 
 
 @dataclass
@@ -60,19 +66,56 @@ def save_checkpoint(
     tmp = root / f".tmp-{_PREFIX}{state.step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    rng = {"cpu": torch.get_rng_state()}
+    save_file(trainable_state(model), str(tmp / _WEIGHTS))
+    rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1))
+    tensors: dict[str, torch.Tensor] = {}
+    states = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}
+    structure = {name: _to_json(value, name, tensors) for name, value in states.items()}
+    save_file(tensors, str(tmp / _STATE_TENSORS))
+    (tmp / _STATE_JSON).write_text(json.dumps(structure, indent=1))
+    (tmp / _LOOP_JSON).write_text(json.dumps(asdict(state), indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _to_json(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """``value`` as JSON, each tensor moved into ``tensors`` under a key built from its path. JSON has only
+    string keys and lists, so integer-keyed dicts (the optimizer's per-parameter state) and tuples (Adam's
+    betas) are tagged to come back as they were."""
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {k: _to_json(v, f"{key}.{k}", tensors) for k, v in value.items()}
+        return {"__items__": [[k, _to_json(v, f"{key}.{k}", tensors)] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_to_json(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_to_json(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"{key}: cannot store a {type(value).__name__} in a checkpoint")
+
+
+def _from_json(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of ``_to_json``."""
+    if isinstance(value, list):
+        return [_from_json(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tensor__" in value:
+        return tensors[value["__tensor__"]]
+    if "__items__" in value:
+        return {k: _from_json(v, tensors) for k, v in value["__items__"]}
+    if "__tuple__" in value:
+        return tuple(_from_json(v, tensors) for v in value["__tuple__"])
+    return {k: _from_json(v, tensors) for k, v in value.items()}
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -102,7 +145,7 @@ def load_checkpoint(
 ) -> tuple[LoopState, dict[str, Any]]:
     """Restore a checkpoint into ``model`` (trainable parameters), optimizer and scheduler; returns the
     loop state and the RNG states, which the loop restores itself at the point where they were saved."""
-    weights = load_file(str(path / "trainable.safetensors"))
+    weights = load_file(str(path / _WEIGHTS))
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
     if missing:
@@ -110,7 +153,8 @@ def load_checkpoint(
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
-    rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
-    return LoopState(**json.loads((path / "state.json").read_text())), rng
+    tensors = load_file(str(path / _STATE_TENSORS))
+    states = {k: _from_json(v, tensors) for k, v in json.loads((path / _STATE_JSON).read_text()).items()}
+    optimizer.load_state_dict(states["optimizer"])
+    scheduler.load_state_dict(states["scheduler"])
+    return LoopState(**json.loads((path / _LOOP_JSON).read_text())), states["rng"]

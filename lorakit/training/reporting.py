@@ -1,5 +1,5 @@
-"""What a run leaves for people to read: metrics.json, the JSON-lines log, curves.png, peak memory,
-and the pointer to the most recent run that ``lorakit eval`` and ``lorakit merge`` fall back on."""
+"""What a run leaves for people to read: the JSON-lines log, curves.png and the peak memory it records in
+metrics.json (the run directory's file names and atomic writes are ``lorakit.runs``')."""
 
 from __future__ import annotations
 
@@ -7,24 +7,12 @@ import json
 import os
 import resource
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-METRICS_FILE = "metrics.json"
-LOG_FILE = "logs/train.jsonl"
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=float)
-        f.write("\n")
-    os.replace(tmp, path)
+from lorakit.runs import LOG_FILE
 
 
 class JsonlLog:
@@ -75,24 +63,3 @@ def plot_curves(history: list[dict[str, Any]], main_metric: str, path: Path) -> 
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
-
-
-def _latest_pointer() -> Path:
-    home = Path(os.environ.get("LORAKIT_HOME", Path.home() / ".cache" / "lorakit"))
-    return home / "latest_run"
-
-
-def record_latest_run(run_dir: Path) -> None:
-    """Remember ``run_dir`` as the most recent run."""
-    pointer = _latest_pointer()
-    pointer.parent.mkdir(parents=True, exist_ok=True)
-    pointer.write_text(str(run_dir.resolve()) + "\n")
-
-
-def latest_run() -> Path | None:
-    """The most recent run directory that still exists, or None."""
-    pointer = _latest_pointer()
-    if not pointer.is_file():
-        return None
-    run = Path(pointer.read_text().strip())
-    return run if (run / METRICS_FILE).is_file() or (run / "recipe.yaml").is_file() else None

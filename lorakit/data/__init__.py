@@ -1,0 +1,40 @@
+"""From a task's rows to the batches the training loop and the evaluator consume.
+
+``tokenize``: seeded subsets and the task encodings; ``batching``: the dynamic-padding collator, the
+length-grouped and epoch-seeded samplers and the dataloaders; ``loaders``: a recipe's training loader
+and evaluation sets, built from the two.
+"""
+
+from lorakit.data.batching import (
+    EpochShuffleSampler,
+    LengthGroupedSampler,
+    PaddingCollator,
+    build_eval_dataloader,
+    build_train_dataloader,
+    padding_waste,
+)
+from lorakit.data.tokenize import (
+    IGNORE_INDEX,
+    MODEL_COLUMNS,
+    model_columns,
+    subsample,
+    tokenize_causal_lm,
+    tokenize_classification,
+    tokenize_prompts,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "MODEL_COLUMNS",
+    "EpochShuffleSampler",
+    "LengthGroupedSampler",
+    "PaddingCollator",
+    "build_eval_dataloader",
+    "build_train_dataloader",
+    "model_columns",
+    "padding_waste",
+    "subsample",
+    "tokenize_causal_lm",
+    "tokenize_classification",
+    "tokenize_prompts",
+]

@@ -1,0 +1,62 @@
+"""The run directory's shared vocabulary: its file names, atomic JSON writes, and the pointer to the most
+recent run that ``lorakit eval``, ``merge`` and ``generate`` fall back on when no RUN_DIR is named."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import UserError
+
+RECIPE_FILE = "recipe.yaml"
+METRICS_FILE = "metrics.json"
+LOG_FILE = "logs/train.jsonl"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` through a temporary file in the same directory and a rename: readers never see
+    half a file, and a crash leaves the old content in place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically (``atomic_write_text``)."""
+    atomic_write_text(path, json.dumps(data, indent=2, default=float) + "\n")
+
+
+def _latest_pointer() -> Path:
+    home = Path(os.environ.get("LORAKIT_HOME", Path.home() / ".cache" / "lorakit"))
+    return home / "latest_run"
+
+
+def record_latest_run(run_dir: Path) -> None:
+    """Remember ``run_dir`` as the most recent run."""
+    atomic_write_text(_latest_pointer(), str(run_dir.resolve()) + "\n")
+
+
+def latest_run() -> Path | None:
+    """The most recent run directory that still exists, or None."""
+    pointer = _latest_pointer()
+    if not pointer.is_file():
+        return None
+    run = Path(pointer.read_text().strip())
+    return run if (run / METRICS_FILE).is_file() or (run / RECIPE_FILE).is_file() else None
+
+
+def latest_run_or_error() -> Path:
+    """``latest_run()``, or a UserError telling the user to train first or name RUN_DIR."""
+    latest = latest_run()
+    if latest is None:
+        raise UserError("no run yet: train one first, or name RUN_DIR", where="RUN_DIR")
+    return latest

@@ -1,0 +1,91 @@
+"""What is checked before training starts, once, wherever it starts: by ``lorakit train`` before it
+launches several processes (so a bad setting is told once, not once per process), and by every training
+process itself (the Python API and launched processes alike).
+
+* the run directory: free for a new run, or holding a checkpoint to resume;
+* the precision: fp16 autocast needs a GPU;
+* the launcher: processes that a launcher started must be joined up by Accelerate.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from lorakit.errors import UserError
+from lorakit.recipe import Recipe
+from lorakit.training.checkpoint import latest_checkpoint
+
+logger = logging.getLogger(__name__)
+
+# Set by torchrun, DeepSpeed's and MPI's launchers, and (ACCELERATE_DYNAMO_BACKEND) by every
+# `accelerate launch`, one process or many.
+_LAUNCHER_VARIABLES = (
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "PMI_SIZE",
+    "OMPI_COMM_WORLD_SIZE",
+    "MV2_COMM_WORLD_SIZE",
+    "ACCELERATE_DYNAMO_BACKEND",
+)
+_WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def inside_launched_process() -> bool:
+    """Whether this process was started by a launcher (accelerate launch, torchrun, mpirun)."""
+    return any(name in os.environ for name in _LAUNCHER_VARIABLES)
+
+
+def launched_world_size() -> int:
+    """The number of processes the launcher started (1 when none did)."""
+    for name in _WORLD_SIZE_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
+def check_precision(recipe: Recipe, device_type: str) -> None:
+    """fp16 mixed precision on a device without CUDA: Accelerate would quietly train in float32."""
+    if recipe.train.mixed_precision == "fp16" and device_type != "cuda":
+        raise UserError(
+            "fp16 mixed precision needs a GPU: on the CPU Accelerate would silently train in float32; "
+            "use bf16 or no",
+            recipe.where("train.mixed_precision"),
+        )
+
+
+def run_dir_for(recipe: Recipe, resume: bool) -> Path:
+    """The run directory of ``recipe``; a UserError when resuming finds no checkpoint there, or a fresh
+    run finds another run there."""
+    run_dir = Path(recipe.output_dir)
+    if resume:
+        if latest_checkpoint(run_dir) is None:
+            raise UserError(f"no checkpoint to resume from in {run_dir / 'checkpoints'}", where="--resume")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(
+            f"{run_dir} already holds a run; pass --resume to continue it or choose another --output-dir",
+            where=recipe.where("output_dir"),
+        )
+    return run_dir
+
+
+def check_process_count(recipe: Recipe, num_processes: int) -> None:
+    """Fail clearly when a launcher started several processes that Accelerate does not join up (torchrun
+    on a machine without a GPU and without ``ACCELERATE_USE_CPU=true``): each would train alone and all
+    would write the same run directory."""
+    launched = launched_world_size()
+    if launched > 1 and num_processes == 1:
+        raise UserError(
+            f"started as {launched} processes but Accelerate sees one; without a GPU set "
+            "ACCELERATE_USE_CPU=true, or let `lorakit train --num-processes N` launch them",
+            recipe.where("train.num_processes"),
+        )
+    if recipe.train.num_processes not in (1, num_processes):
+        logger.warning(
+            "train.num_processes is %d but the launcher started %d processes; training on %d",
+            recipe.train.num_processes,
+            num_processes,
+            num_processes,
+        )
