@@ -196,6 +196,39 @@ def generate(
         print(text)
 
 
+@app.command()
+def predict(
+    adapter: Annotated[
+        list[str],
+        typer.Option(
+            "--adapter", help="NAME=RUN_DIR: a lorakit run or a PEFT adapter directory (repeatable)."
+        ),
+    ],
+    input_: Annotated[
+        str,
+        typer.Option(
+            "--input", help='JSON lines {"adapter": NAME, "text": ..., "text_pair": ...}; - for stdin.'
+        ),
+    ],
+    output: Annotated[
+        Path | None, typer.Option("--output", help="Where the JSON lines go (default: standard output).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Rows per mixed batch.")] = 64,
+    base: Annotated[
+        str | None, typer.Option("--base", help="The base model (for PEFT directories without a recipe).")
+    ] = None,
+    max_length: Annotated[
+        int | None, typer.Option("--max-length", min=1, help="Truncate inputs here (default: each recipe's).")
+    ] = None,
+) -> None:
+    """Predict rows with many adapters on one base model: one JSON line out per line in, in order."""
+    from lorakit.predict import predict_file
+
+    count = predict_file(adapter, input_, output, batch_size, base, max_length)
+    if output is not None:
+        Console(stderr=True).print(f"{count} rows predicted into {output}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the Typer app and turns errors into one line and an exit status."""
     err = Console(stderr=True)

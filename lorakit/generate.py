@@ -249,7 +249,8 @@ def _task_name(task: str | None, recipe: Recipe | None) -> str | None:
     return name
 
 
-def _one_line(text: str, task: str | None) -> str:
+def one_line(text: str, task: str | None) -> str:
+    """A generated text as one output line, as ``lorakit generate`` prints it."""
     # WikiSQL reads a query from the first line (text_to_sql); anything else is kept whole, its line
     # breaks made spaces as the E2E predictions file writes them, so that each output is one line.
     if task == "wikisql":
@@ -272,11 +273,7 @@ def generate(
     recipe's task); ``num_beams``, ``max_new_tokens`` and ``greedy`` override the recipe's decoding.
     Inputs are checked before the model is loaded, so a bad file fails at once.
     """
-    import datasets
     from accelerate import Accelerator
-
-    from lorakit.data import PaddingCollator, build_eval_dataloader, tokenize_prompts
-    from lorakit.evaluation import generate_texts
 
     inputs = read_inputs(input_spec)
     recipe = resolve_recipe(model_dir, recipe_path)
@@ -287,14 +284,30 @@ def generate(
     if recipe is not None:
         max_length = recipe.task.max_length
     else:
-        config = loaded.model.config
-        positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024)
-        max_length = max(positions - settings.max_new_tokens, 1)
-    rows = tokenize_prompts(datasets.Dataset.from_dict({"prompt": prompts}), loaded.tokenizer, max_length)
-    loader = build_eval_dataloader(
-        rows, PaddingCollator(loaded.tokenizer, padding_side="left"), settings.batch_size
-    )
+        max_length = prompt_room(loaded.model.config, settings.max_new_tokens)
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision if recipe is not None else "no")
-    model, loader = accelerator.prepare(loaded.model, loader)
-    texts = generate_texts(model, loader, loaded.tokenizer, settings, accelerator)
-    return [_one_line(text, task_name) for text in texts]
+    model = accelerator.prepare(loaded.model)
+    texts = generate_from_prompts(model, loaded.tokenizer, prompts, settings, max_length, accelerator)
+    return [one_line(text, task_name) for text in texts]
+
+
+def prompt_room(config: Any, max_new_tokens: int) -> int:
+    """The longest prompt a model's positions leave room for beside ``max_new_tokens`` new tokens."""
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024)
+    return max(positions - max_new_tokens, 1)
+
+
+def generate_from_prompts(
+    model: Any, tokenizer: Any, prompts: list[str], settings: Any, max_length: int, accelerator: Any
+) -> list[str]:
+    """The model's continuation of each prompt (cut to its last ``max_length`` tokens, left-padded into
+    batches of ``settings.batch_size``), decoded as ``settings`` (a recipe's generation section) says:
+    what ``lorakit generate`` and ``lorakit predict`` both run."""
+    import datasets
+
+    from lorakit.data import PaddingCollator, build_eval_dataloader, tokenize_prompts
+    from lorakit.evaluation import generate_texts
+
+    rows = tokenize_prompts(datasets.Dataset.from_dict({"prompt": prompts}), tokenizer, max_length)
+    loader = build_eval_dataloader(rows, PaddingCollator(tokenizer, padding_side="left"), settings.batch_size)
+    return generate_texts(model, accelerator.prepare(loader), tokenizer, settings, accelerator)

@@ -53,6 +53,17 @@ DTYPES: dict[str, torch.dtype] = {
 FULL_MODEL_DIR = "model"  # where training saves a full fine-tuning run's model, inside the run dir
 
 
+@dataclass(frozen=True)
+class HeadSpec:
+    """What a model's head must be when no task names it (a plain PEFT adapter): the kind of task, the
+    label count and, where known, the label names. Read where a ``Task`` is: ``model_class``,
+    ``model_config``, ``build_model``."""
+
+    kind: str  # classification | regression | generation
+    num_labels: int
+    label_names: list[str] | None = None
+
+
 @dataclass
 class PreparedModel:
     """A model ready to train or evaluate, with what was done to it."""
@@ -92,7 +103,7 @@ def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def model_class(task: Task) -> type:
+def model_class(task: Task | HeadSpec) -> type:
     """The transformers Auto class for the task: a sequence classifier (one output for regression) or
     a causal LM for generation."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -100,7 +111,7 @@ def model_class(task: Task) -> type:
     return AutoModelForCausalLM if task.kind == "generation" else AutoModelForSequenceClassification
 
 
-def model_config(recipe: Recipe, task: Task) -> PretrainedConfig:
+def model_config(recipe: Recipe, task: Task | HeadSpec) -> PretrainedConfig:
     """The base checkpoint's config with the task's head settings (label count and names, problem
     type, pad token). Reads ``config.json`` only, so ``lorakit info`` can use it without weights."""
     from transformers import AutoConfig
@@ -133,7 +144,9 @@ def model_config(recipe: Recipe, task: Task) -> PretrainedConfig:
     return config
 
 
-def build_model(recipe: Recipe, task: Task, config: PretrainedConfig | None = None) -> PreTrainedModel:
+def build_model(
+    recipe: Recipe, task: Task | HeadSpec, config: PretrainedConfig | None = None
+) -> PreTrainedModel:
     """The base model for ``task``, weights at ``model.dtype``; the head is fresh when the checkpoint
     has none or one of another size. Every parameter is left trainable. ``config``: a ready
     ``model_config(recipe, task)``, to save reading it again."""

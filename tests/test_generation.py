@@ -338,3 +338,53 @@ def test_wikisql_end_to_end(
     code, stdout, err = _run(["generate", str(run), "--input", line], capsys)
     assert code == 0, err
     assert stdout.splitlines() == [sql_to_text(question["sql"], header)]
+
+
+def test_predict_serves_an_e2e_and_a_wikisql_adapter_on_one_gpt2(
+    e2e_run: dict, gpt2_dir: Path, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "wikisql"
+    data.mkdir()
+    questions, headers = _write_wikisql(data, shared_data, n=2)
+    run = tmp_path / "wikisql-run"
+    recipe = _write_recipe(
+        tmp_path / "wikisql.yaml", gpt2_dir, "wikisql", data, run, max_steps=4, eval_every=4
+    )
+    code, _, err = _run(["train", str(recipe)], capsys)
+    assert code == 0, err
+    sql_inputs = [
+        json.dumps({"question": q["question"], "header": headers[q["table_id"]]}) for q in questions
+    ]
+    mrs = [r["mr"] for r in e2e_run["rows"]]
+    expected = {}
+    for name, path, texts in (("e2e", e2e_run["run"], mrs), ("sql", run, sql_inputs)):
+        listing = tmp_path / f"{name}.txt"
+        listing.write_text("\n".join(texts) + "\n")
+        code, stdout, err = _run(["generate", str(path), "--input", str(listing)], capsys)
+        assert code == 0, err
+        expected[name] = stdout.splitlines()
+
+    rows = [("sql", 1), ("e2e", 0), ("e2e", 2), ("sql", 0), ("e2e", 1), ("e2e", 3)]
+    source = tmp_path / "in.jsonl"
+    texts = {"e2e": mrs, "sql": sql_inputs}
+    source.write_text("".join(json.dumps({"adapter": n, "text": texts[n][i]}) + "\n" for n, i in rows))
+    args = [
+        "predict",
+        "--adapter",
+        f"e2e={e2e_run['run']}",
+        "--adapter",
+        f"sql={run}",
+        "--input",
+        str(source),
+    ]
+    code, stdout, err = _run(args, capsys)
+    assert code == 0, err
+    results = [json.loads(line) for line in stdout.splitlines()]
+    assert [r["adapter"] for r in results] == [n for n, _ in rows]
+    assert [r["prediction"] for r in results] == [expected[n][i] for n, i in rows]
+    assert expected["e2e"] == [" ".join(r["ref"].split()) for r in e2e_run["rows"]]  # it learnt them
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"adapter": "sql", "text": "no header"}) + "\n")
+    code, _, err = _run([*args[:-1], str(bad)], capsys)
+    assert code == 2 and f"{bad}:1" in err and "not a valid wikisql input" in err

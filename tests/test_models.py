@@ -100,7 +100,7 @@ def test_roberta_defaults_query_value_and_head(roberta_dir, roberta_tok):
     assert prepared.lora_config.target_modules == ["query", "value"]  # resolved, not null
     assert prepared.lora_config.modules_to_save == ("classifier",)
     assert trainable(model) == {
-        *(f"{m}.lora_{ab}" for m in expected for ab in "AB"),
+        *(f"{m}.lora_adapters.default.lora_{ab}" for m in expected for ab in "AB"),
         *(n for n, _ in model.named_parameters() if n.startswith("classifier.")),
     }
     lora = 2 * 2 * 8 * (32 + 32)  # layers × (q, v) × r × (in + out)
@@ -166,7 +166,7 @@ def test_gpt2_generation_is_a_causal_lm_without_head(gpt2_dir):
 def test_deberta_pooler_trains_with_the_head(deberta_dir, roberta_tok):
     prepared = prepare_model(recipe(deberta_dir, "mrpc", roberta_tok), get_task("mrpc"))
     names = trainable(prepared.model)
-    assert {n.split(".")[-2] for n in names if ".lora_" in n} == {"query_proj", "value_proj"}
+    assert {n.split(".")[-4] for n in names if ".lora_" in n} == {"query_proj", "value_proj"}
     assert {"pooler.dense.weight", "classifier.weight"} <= names
     assert prepared.lora_config.modules_to_save == ("classifier", "pooler")
     assert prepared.model(**encode(prepared.tokenizer)).logits.shape == (2, 2)

@@ -1,20 +1,33 @@
-"""The LoRA core: layers, injection, merging and adapter files. Depends on torch and safetensors only,
-so it can be lifted out and used on any torch model, as loralib is."""
+"""The LoRA core: layers, injection, merging, adapter files, and many named adapters on one base model
+(switching, mixed-task batches). Depends on torch and safetensors only, so it can be lifted out and used
+on any torch model, as loralib is."""
 
 from lorakit.lora.adapter_io import (
     CONFIG_NAME,
     PEFT_PREFIX,
     WEIGHTS_NAME,
-    import_loralib_checkpoint,
     load_adapter,
     read_adapter,
     save_adapter,
     write_adapter_files,
 )
+from lorakit.lora.adapters import (
+    adapted_modules,
+    adapter_bytes,
+    add_adapter,
+    delete_adapter,
+    load_named_adapter,
+    mixed_batch,
+    mixed_logits,
+)
 from lorakit.lora.config import LoraConfig
+from lorakit.lora.heads import SavedModules
 from lorakit.lora.inject import (
     ParameterCounts,
     TargetNotFoundError,
+    activated,
+    active_adapter,
+    adapter_names,
     count_parameters,
     find_targets,
     inject_lora,
@@ -24,15 +37,25 @@ from lorakit.lora.inject import (
     merge_lora,
     resolve_defaults,
     saved_module_names,
+    set_active_adapter,
     suffix_matches,
     unload_lora,
     unmerge_lora,
 )
-from lorakit.lora.layers import LoraEmbedding, LoraFusedLinear, LoraLinear, lora_scaling
+from lorakit.lora.layers import (
+    DEFAULT_ADAPTER,
+    LoraEmbedding,
+    LoraFusedLinear,
+    LoraLinear,
+    SharedInputError,
+    lora_scaling,
+)
+from lorakit.lora.loralib_import import import_loralib_checkpoint
 from lorakit.lora.presets import fused_slices, paper_targets, seq_cls_heads
 
 __all__ = [
     "CONFIG_NAME",
+    "DEFAULT_ADAPTER",
     "PEFT_PREFIX",
     "WEIGHTS_NAME",
     "LoraConfig",
@@ -40,24 +63,37 @@ __all__ = [
     "LoraFusedLinear",
     "LoraLinear",
     "ParameterCounts",
+    "SavedModules",
+    "SharedInputError",
     "TargetNotFoundError",
+    "activated",
+    "active_adapter",
+    "adapted_modules",
+    "adapter_bytes",
+    "adapter_names",
+    "add_adapter",
     "count_parameters",
+    "delete_adapter",
     "find_targets",
     "fused_slices",
     "import_loralib_checkpoint",
     "inject_lora",
     "is_lora_parameter",
     "load_adapter",
+    "load_named_adapter",
     "lora_modules",
     "lora_scaling",
     "mark_trainable",
     "merge_lora",
+    "mixed_batch",
+    "mixed_logits",
     "paper_targets",
     "read_adapter",
     "resolve_defaults",
     "save_adapter",
     "saved_module_names",
     "seq_cls_heads",
+    "set_active_adapter",
     "suffix_matches",
     "unload_lora",
     "unmerge_lora",

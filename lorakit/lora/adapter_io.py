@@ -1,4 +1,4 @@
-"""Adapter files in PEFT's on-disk format, and import of the LoRA authors' loralib checkpoints.
+"""Adapter files in PEFT's on-disk format.
 
 A directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` with PEFT's tensor names:
 ``base_model.model.<module>.lora_A.weight`` (r, in), ``...lora_B.weight`` (out, r) — also for GPT-2's
@@ -26,8 +26,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from lorakit.lora.heads import SavedModules
 from lorakit.lora.inject import (
     LoraConfig,
+    activated,
+    active_adapter,
     adapter_parameter_names,
     inject_lora,
     is_lora_parameter,
@@ -52,27 +55,52 @@ def _effective_rank_alpha(module: nn.Module) -> tuple[int, float]:
     return module.r, module.alpha
 
 
-def adapter_tensors(model: nn.Module, config: LoraConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The adapter's tensors under PEFT's names, and the fused-slice layout for the file's metadata."""
+def _holding(model: nn.Module, adapter: str | None) -> dict[str, nn.Module]:
+    """The LoRA layers that hold ``adapter`` (None: the active one), by path."""
+    name = adapter if adapter is not None else active_adapter(model)
+    return {p: m for p, m in lora_modules(model) if name in m.lora_adapters}
+
+
+def _saved_tensors(model: nn.Module, config: LoraConfig, adapter: str | None) -> dict[str, torch.Tensor]:
+    """Saved modules' and biases' tensors under their plain paths; a per-adapter head's (``SavedModules``)
+    from the adapter's own copy, named as the module it stands for."""
+    name = adapter if adapter is not None else active_adapter(model)
+    heads = {p: m for p, m in model.named_modules() if isinstance(m, SavedModules)}
     params = dict(model.named_parameters())
     tensors: dict[str, torch.Tensor] = {}
-    for name in adapter_parameter_names(model, config.bias, config.modules_to_save):
-        if not is_lora_parameter(name):
-            tensors[PEFT_PREFIX + name] = params[name].detach()
+    for key in adapter_parameter_names(model, config.bias, config.modules_to_save):
+        if is_lora_parameter(key):
+            continue
+        head = next((p for p in heads if key.startswith(p + ".")), None)
+        if head is None:
+            tensors[key] = params[key].detach()
+        elif key.startswith(f"{head}.copies.{name}."):
+            tensors[head + key[len(f"{head}.copies.{name}") :]] = params[key].detach()
+    return tensors
+
+
+def adapter_tensors(
+    model: nn.Module, config: LoraConfig, adapter: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Adapter ``adapter``'s tensors (None: the active one's) under PEFT's names, and the fused-slice
+    layout for the file's metadata."""
+    tensors = {PEFT_PREFIX + k: v for k, v in _saved_tensors(model, config, adapter).items()}
     fused: dict[str, Any] = {}
-    for path, module in lora_modules(model):
-        key = PEFT_PREFIX + path
-        if isinstance(module, LoraEmbedding):
-            tensors[key + ".lora_embedding_A"] = module.lora_embedding_A.detach()
-            tensors[key + ".lora_embedding_B"] = module.lora_embedding_B.detach()
-        elif isinstance(module, LoraFusedLinear):
-            with torch.no_grad():
-                tensors[key + ".lora_A.weight"] = module.stacked_a()
-                tensors[key + ".lora_B.weight"] = module.block_b(1.0)
-            fused[path] = {"slices": list(module.slice_names), "adapted": list(module.adapted), "r": module.r}
-        else:
-            tensors[key + ".lora_A.weight"] = module.lora_A.detach()
-            tensors[key + ".lora_B.weight"] = module.lora_B.detach()
+    with activated(model, adapter if adapter is not None else active_adapter(model)):
+        for path, module in _holding(model, adapter).items():
+            key = PEFT_PREFIX + path
+            if isinstance(module, LoraEmbedding):
+                tensors[key + ".lora_embedding_A"] = module.lora_embedding_A.detach()
+                tensors[key + ".lora_embedding_B"] = module.lora_embedding_B.detach()
+            elif isinstance(module, LoraFusedLinear):
+                with torch.no_grad():
+                    tensors[key + ".lora_A.weight"] = module.stacked_a()
+                    tensors[key + ".lora_B.weight"] = module.block_b(1.0)
+                layout = {"slices": list(module.slice_names), "adapted": list(module.adapted), "r": module.r}
+                fused[path] = layout
+            else:
+                tensors[key + ".lora_A.weight"] = module.lora_A.detach()
+                tensors[key + ".lora_B.weight"] = module.lora_B.detach()
     return {k: v.contiguous().cpu() for k, v in tensors.items()}, fused
 
 
@@ -116,10 +144,13 @@ def adapter_config_dict(
     config: LoraConfig,
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
+    adapter: str | None = None,
 ) -> dict[str, Any]:
-    """adapter_config.json's content: what ``peft.LoraConfig`` reads."""
-    modules = dict(lora_modules(model))
-    rank_pattern, alpha_pattern = _patterns(modules, config.r, config.alpha)
+    """adapter_config.json's content (for adapter ``adapter``; None: the active one): what
+    ``peft.LoraConfig`` reads."""
+    modules = _holding(model, adapter)
+    with activated(model, adapter if adapter is not None else active_adapter(model)):
+        rank_pattern, alpha_pattern = _patterns(modules, config.r, config.alpha)
     saved = [n for n in config.modules_to_save]
     return {
         "peft_type": "LORA",
@@ -177,10 +208,12 @@ def save_adapter(
     config: LoraConfig,
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
+    adapter: str | None = None,
 ) -> Path:
-    """Save the model's LoRA adapter (and saved modules, biases) in PEFT's format; returns the dir."""
-    tensors, fused = adapter_tensors(model, config)
-    cfg = adapter_config_dict(model, config, base_model_name_or_path, task_type)
+    """Save the model's LoRA adapter ``adapter`` (None: the active one) with its saved modules and biases
+    in PEFT's format; returns the dir."""
+    tensors, fused = adapter_tensors(model, config, adapter)
+    cfg = adapter_config_dict(model, config, base_model_name_or_path, task_type, adapter)
     meta = {_FUSED_METADATA_KEY: json.dumps(fused)} if fused else None
     return write_adapter_files(out_dir, tensors, cfg, meta)
 
@@ -254,9 +287,15 @@ def config_from_file(
 
 
 @torch.no_grad()
-def _copy_lora_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> set[str]:
+def copy_lora_weights(
+    model: nn.Module, tensors: Mapping[str, torch.Tensor], adapter: str | None = None
+) -> set[str]:
+    """Copy a file's LoRA pairs into the active adapter of each layer holding ``adapter`` (None: every
+    LoRA layer); returns the keys used. Shapes must fit exactly."""
     used = set()
     for path, module in lora_modules(model):
+        if adapter is not None and adapter not in module.lora_adapters:
+            continue
         if isinstance(module, LoraEmbedding):
             pairs = [
                 (module.lora_embedding_A, path + ".lora_embedding_A"),
@@ -319,7 +358,7 @@ def load_adapter(
             f"{adapter_dir}: adapter adapts {sorted(wanted - present) or 'the same'} modules the model "
             f"has no LoRA for, and lacks {sorted(present - wanted) or 'none'}"
         )
-    used = _copy_lora_weights(model, tensors)
+    used = copy_lora_weights(model, tensors)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, value in tensors.items():
@@ -330,65 +369,3 @@ def load_adapter(
             params[key].copy_(value)
     mark_trainable(model, config.bias, config.modules_to_save)
     return config
-
-
-def convert_loralib_state_dict(
-    state_dict: Mapping[str, torch.Tensor], alpha: float
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A loralib checkpoint (``<module>.lora_A`` / ``.lora_B`` with no ``.weight`` suffix, plus head
-    weights) as PEFT-format tensors and config. Every tensor is kept, bit for bit."""
-    tensors: dict[str, torch.Tensor] = {}
-    ranks, targets, heads = set(), set(), set()
-    for key, value in state_dict.items():
-        if key.endswith((".lora_A", ".lora_B")):
-            module = key.rsplit(".", 1)[0]
-            tensors[f"{PEFT_PREFIX}{key}.weight"] = value
-            targets.add(module.rsplit(".", 1)[-1])
-            if key.endswith(".lora_A"):
-                ranks.add(int(value.shape[0]))
-                b = state_dict.get(module + ".lora_B")
-                if b is None or b.shape[1] != value.shape[0]:
-                    raise ValueError(
-                        f"{module}: lora_A without a matching lora_B (loralib MergedLinear "
-                        "checkpoints are not supported)"
-                    )
-        else:
-            tensors[PEFT_PREFIX + key] = value
-            heads.add(key.split(".", 1)[0])
-    if len(ranks) != 1:
-        raise ValueError(f"expected one LoRA rank in the checkpoint, found {sorted(ranks) or 'none'}")
-    config = {
-        "peft_type": "LORA",
-        "r": ranks.pop(),
-        "lora_alpha": alpha,
-        "lora_dropout": 0.0,
-        "target_modules": sorted(targets),
-        "modules_to_save": sorted(heads) or None,
-        "fan_in_fan_out": False,
-        "bias": "none",
-        "use_rslora": False,
-        "init_lora_weights": True,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "inference_mode": True,
-    }
-    return {k: v.contiguous() for k, v in tensors.items()}, config
-
-
-def import_loralib_checkpoint(
-    checkpoint: str | Path,
-    out_dir: str | Path,
-    alpha: float,
-    base_model_name_or_path: str | None = None,
-    task_type: str | None = "SEQ_CLS",
-) -> Path:
-    """Convert a loralib ``.bin``/``.pt`` checkpoint into a PEFT-format adapter directory.
-
-    The file is read with ``torch.load(weights_only=True)``: no pickled code runs.
-    """
-    state = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{checkpoint}: expected a state dict, found {type(state).__name__}")
-    tensors, config = convert_loralib_state_dict(state, alpha)
-    config.update(base_model_name_or_path=base_model_name_or_path, task_type=task_type)
-    return write_adapter_files(out_dir, tensors, config)

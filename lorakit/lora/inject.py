@@ -11,6 +11,7 @@ lists the candidate names (PEFT accepts ``["query", "FAKE"]`` silently; we don't
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -19,7 +20,9 @@ from torch import nn
 
 from lorakit.lora import presets
 from lorakit.lora.config import BIAS_CHOICES, LoraConfig
+from lorakit.lora.heads import SavedModules
 from lorakit.lora.layers import (
+    DEFAULT_ADAPTER,
     LORA_LAYER_TYPES,
     LoraEmbedding,
     LoraFusedLinear,
@@ -53,7 +56,24 @@ def suffix_matches(name: str, suffix: str) -> bool:
 
 
 def _adaptable(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Embedding)) or is_conv1d(module)
+    return isinstance(module, (nn.Linear, nn.Embedding, *LORA_LAYER_TYPES)) or is_conv1d(module)
+
+
+def _target_candidates(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules a target may name: a LoRA wrapper stands for the module it wraps (another adapter is added
+    to it), and the copies of saved modules (per-adapter heads) are never adapted."""
+    skipped: list[str] = []
+    modules = {}
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p) for p in skipped):
+            continue
+        if isinstance(module, SavedModules):
+            skipped.append(name + ".")
+            continue
+        if isinstance(module, LORA_LAYER_TYPES):
+            skipped.append(name + ".")
+        modules[name] = module
+    return modules
 
 
 def candidate_names(model: nn.Module) -> list[str]:
@@ -95,7 +115,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, tuple[str, .
     Raises TargetNotFoundError naming every target that matches no adaptable module.
     """
     config = resolve_defaults(model, config)
-    modules = {n: m for n, m in model.named_modules() if n and not isinstance(m, LORA_LAYER_TYPES)}
+    modules = _target_candidates(model)
     found: dict[str, tuple[str, ...] | None] = {}
     if isinstance(config.target_modules, str):
         regex = re.compile(config.target_modules)
@@ -132,35 +152,49 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, tuple[str, .
     return found
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` is."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
 
 
-def inject_lora(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Replace every target module with its LoRA wrapper, in place; returns the adapted names.
+def inject_lora(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADAPTER) -> list[str]:
+    """Give every target module a LoRA adapter named ``adapter``, in place; returns the adapted names.
 
-    LoRA weights are created on the device of the weight they adapt. Trainability is set separately by
-    ``mark_trainable``.
+    A plain module is replaced by its LoRA wrapper; one that is a wrapper already (it carries another
+    adapter) gets this one beside the others. LoRA weights are created on the device of the weight they
+    adapt. Trainability is set separately by ``mark_trainable``.
     """
     config = resolve_defaults(model, config)
     targets = find_targets(model, config)
     for name, slices in targets.items():
-        base = model.get_submodule(name)
+        module = model.get_submodule(name)
         r = int(_lookup(config.rank_pattern, name, config.r))
         alpha = _lookup(config.alpha_pattern, name, config.alpha)
-        wrapper: nn.Module
-        if isinstance(base, nn.Embedding):
-            wrapper = LoraEmbedding(base, r, alpha, init=config.init, use_rslora=config.use_rslora)
-        elif slices is not None:
-            slice_names = next(v for k, v in config.fused_slices.items() if suffix_matches(name, k))
-            wrapper = LoraFusedLinear(
-                base, slice_names, slices, r, alpha, config.dropout, config.init, config.use_rslora
+        base = module.base_layer if isinstance(module, LORA_LAYER_TYPES) else module
+        fused = slices is not None
+        if isinstance(module, LORA_LAYER_TYPES) and isinstance(module, LoraFusedLinear) != fused:
+            raise TargetNotFoundError(
+                f"{name} carries a LoRA {'on slices' if not fused else 'on the whole module'} already; "
+                f"adapter {adapter!r} cannot adapt it {'on slices' if fused else 'whole'} beside it"
             )
+        wrapper: nn.Module = module
+        if isinstance(base, nn.Embedding):
+            if not isinstance(module, LoraEmbedding):
+                wrapper = LoraEmbedding(base, None)
+            wrapper.add(adapter, r, alpha, config.use_rslora)
+        elif fused:
+            if not isinstance(module, LoraFusedLinear):
+                slice_names = next(v for k, v in config.fused_slices.items() if suffix_matches(name, k))
+                wrapper = LoraFusedLinear(base, slice_names, None)
+            wrapper.add(adapter, slices, r, alpha, config.dropout, config.init, config.use_rslora)
         else:
-            wrapper = LoraLinear(base, r, alpha, config.dropout, config.init, config.use_rslora)
-        _set_submodule(model, name, wrapper)
+            if not isinstance(module, LoraLinear):
+                wrapper = LoraLinear(base, None)
+            wrapper.add(adapter, r, alpha, config.dropout, config.init, config.use_rslora)
+        if wrapper is not module:
+            set_submodule(model, name, wrapper)
     return list(targets)
 
 
@@ -232,8 +266,65 @@ def count_parameters(model: nn.Module) -> ParameterCounts:
     return ParameterCounts(total=total, trainable=trainable, lora=lora)
 
 
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters the model holds (LoRA pairs or head copies), first added first."""
+    names: dict[str, None] = {}
+    for module in model.modules():
+        if isinstance(module, LORA_LAYER_TYPES):
+            names.update(dict.fromkeys(module.lora_adapters))
+        elif isinstance(module, SavedModules):
+            names.update(dict.fromkeys(module.copies))
+    return list(names)
+
+
+def unknown_adapter(model: nn.Module, names: Sequence[str]) -> KeyError:
+    """The error for adapter names the model does not hold, naming those it does."""
+    held = ", ".join(adapter_names(model)) or "none"
+    return KeyError(f"no adapter {', '.join(map(repr, names))} on the model (it holds: {held})")
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The adapter plain forward passes apply (None: the bare base model)."""
+    for module in model.modules():
+        if isinstance(module, (*LORA_LAYER_TYPES, SavedModules)):
+            return module.active_adapter
+    return None
+
+
+def set_active_adapter(model: nn.Module, name: str | None) -> None:
+    """Make adapter ``name`` (None: none, the bare base model) the one every LoRA layer and saved module
+    applies. A pointer switch on each layer: no weight is copied."""
+    if name is not None and name not in adapter_names(model):
+        raise unknown_adapter(model, [name])
+    for module in model.modules():
+        if isinstance(module, (*LORA_LAYER_TYPES, SavedModules)):
+            module.set_active(name)
+
+
+@contextlib.contextmanager
+def activated(model: nn.Module, name: str | None) -> Iterator[None]:
+    """``name`` active for the ``with`` block, the previous adapter again after it."""
+    previous = active_adapter(model)
+    set_active_adapter(model, name)
+    try:
+        yield
+    finally:
+        set_active_adapter(model, previous)
+
+
+def _one_adapter_only(model: nn.Module) -> None:
+    names = adapter_names(model)
+    if len(names) > 1:
+        raise ValueError(
+            f"the model holds {len(names)} adapters ({', '.join(names)}); merging one would shift the "
+            "others' base: delete all but one first"
+        )
+
+
 def merge_lora(model: nn.Module) -> None:
-    """Add every B·A into its base weight (in place); forward results are unchanged."""
+    """Add every B·A into its base weight (in place); forward results are unchanged. Refused when the
+    model holds several adapters."""
+    _one_adapter_only(model)
     for _, module in lora_modules(model):
         module.merge()
 
@@ -246,11 +337,14 @@ def unmerge_lora(model: nn.Module) -> None:
 
 def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     """Put the plain base modules back (merged first unless ``merge`` is False); returns the model,
-    which then holds ordinary nn.Linear / Conv1D / nn.Embedding layers only."""
+    which then holds ordinary nn.Linear / Conv1D / nn.Embedding layers only. Refused (when merging)
+    while the model holds several adapters."""
+    if merge:
+        _one_adapter_only(model)
     for name, module in list(lora_modules(model)):
         if merge:
             module.merge()
         else:
             module.unmerge()
-        _set_submodule(model, name, module.base_layer)
+        set_submodule(model, name, module.base_layer)
     return model

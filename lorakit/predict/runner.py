@@ -1,0 +1,182 @@
+"""One base model serving many adapters: rows in, one output row each, in input order.
+
+``Predictor`` loads the base once and every adapter beside it by name (``lorakit.lora.adapters``).
+Classification and regression rows run as mixed-task batches, rows of all adapters together, sorted by
+length so that little of each batch is padding; each row comes back cut to its own head's width.
+Generation rows run per adapter, through ``lorakit generate``'s own decoding. ``lorakit serve`` keeps a
+``Predictor`` for the life of the process and adds or removes adapters while it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from lorakit.errors import UserError
+from lorakit.predict.inputs import Row
+from lorakit.predict.sources import AdapterSource, check_one_base
+
+Output = dict[str, Any]
+
+
+def _base_recipe(sources: Sequence[AdapterSource], base: str) -> Any:
+    """The recipe the base model is built from: the first run's model section (dtype, tokenizer,
+    trust_remote_code) pointed at ``base``, or the defaults for plain PEFT adapters."""
+    from lorakit.recipe import recipe_from_dict
+
+    recipe = next((s.recipe for s in sources if s.recipe is not None), None)
+    if recipe is None:
+        return recipe_from_dict({"model": {"name_or_path": base}}, source="--base")
+    model = recipe.model.model_copy(update={"name_or_path": base})
+    return recipe.model_copy(update={"model": model})
+
+
+class Predictor:
+    """The base model with every adapter of ``sources`` loaded beside it, ready to predict rows."""
+
+    def __init__(self, sources: Sequence[AdapterSource], base: str | None = None) -> None:
+        from accelerate import Accelerator
+
+        from lorakit.models import HeadSpec, build_model, load_tokenizer
+
+        if not sources:
+            raise UserError("name at least one adapter", where="--adapter")
+        self.base = check_one_base(list(sources), base)
+        self.recipe = _base_recipe(sources, self.base)
+        first = sources[0]
+        self.generation = first.kind == "generation"
+        self.tokenizer = load_tokenizer(self.recipe)
+        head = HeadSpec(first.kind, first.num_labels or 1, first.label_names)
+        self.accelerator = Accelerator()
+        model = build_model(self.recipe, head)
+        self.model = self.accelerator.prepare(model.eval())
+        self.sources: dict[str, AdapterSource] = {}
+        for source in sources:
+            self.add(source)
+
+    def add(self, source: AdapterSource) -> None:
+        """Load one more adapter beside the others; UserError when it does not fit this base."""
+        from lorakit.lora import load_named_adapter
+
+        if source.name in self.sources:
+            raise UserError(f"an adapter named {source.name!r} is loaded already", source.where)
+        check_one_base([*self.sources.values(), source] if self.sources else [source], self.base)
+        if (source.kind == "generation") != self.generation:
+            raise UserError("generation and classification adapters need different model heads", source.where)
+        try:
+            load_named_adapter(self.model, source.path, source.name)
+        except (ValueError, RuntimeError) as exc:
+            raise UserError(
+                f"does not fit the base model: {' '.join(str(exc).split())[:300]}", source.where
+            ) from None
+        self.sources[source.name] = source
+
+    def remove(self, name: str) -> None:
+        """Unload adapter ``name`` and free its weights."""
+        from lorakit.lora import delete_adapter
+
+        delete_adapter(self.model, name)
+        del self.sources[name]
+
+    def predict(
+        self, rows: Sequence[Row], batch_size: int = 64, advance: Callable[[int], None] | None = None
+    ) -> list[Output]:
+        """One output per row, in the rows' order; ``advance(n)`` is called as n more rows are done."""
+        outputs: list[Output | None] = [None] * len(rows)
+        indexed = list(enumerate(rows))
+        if self.generation:
+            for name in dict.fromkeys(r.adapter for r in rows):
+                group = [(i, r) for i, r in indexed if r.adapter == name]
+                for (i, _), text in zip(group, self._generate(name, [r for _, r in group]), strict=True):
+                    outputs[i] = {"adapter": name, "prediction": text, "readable": text, "scores": None}
+                if advance:
+                    advance(len(group))
+        else:
+            self._classify(indexed, outputs, batch_size, advance)
+        return outputs  # type: ignore[return-value]
+
+    def _max_length(self, source: AdapterSource) -> int:
+        if source.max_length is not None:
+            return source.max_length
+        # A plain PEFT folder: the tokenizer's own limit, within the model's positions.
+        config = self.model.config
+        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        limits = [n for n in (self.tokenizer.model_max_length, positions) if n and n < 1_000_000]
+        return min(limits) if limits else 512
+
+    @torch.inference_mode()
+    def _classify(
+        self,
+        indexed: list[tuple[int, Row]],
+        outputs: list[Output | None],
+        batch_size: int,
+        advance: Callable[[int], None] | None,
+    ) -> None:
+        import datasets
+
+        from lorakit.data import PaddingCollator, tokenize_classification
+        from lorakit.lora import mixed_logits
+
+        encoded: list[tuple[int, str, dict[str, Any]]] = []
+        for name in dict.fromkeys(r.adapter for _, r in indexed):
+            group = [(i, r) for i, r in indexed if r.adapter == name]
+            texts = {"text_a": [r.text for _, r in group], "text_b": [r.text_pair for _, r in group]}
+            tokenized = tokenize_classification(
+                datasets.Dataset.from_dict(texts), self.tokenizer, self._max_length(self.sources[name])
+            )
+            encoded += [(i, name, features) for (i, _), features in zip(group, tokenized, strict=True)]
+        # Longest first: a batch too large for memory fails at once, and similar lengths pad little.
+        encoded.sort(key=lambda e: -len(e[2]["input_ids"]))
+        collate = PaddingCollator(self.tokenizer)
+        device = self.accelerator.device
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in collate([f for _, _, f in chunk]).items()}
+            logits, widths = mixed_logits(self.model, [name for _, name, _ in chunk], **batch)
+            logits = logits.float().cpu()
+            for (i, name, _), row in zip(chunk, logits, strict=True):
+                outputs[i] = self._output(name, row[: widths[name]].tolist())
+            if advance:
+                advance(len(chunk))
+
+    def _output(self, name: str, scores: list[float]) -> Output:
+        source = self.sources[name]
+        if source.kind == "regression":
+            return {"adapter": name, "prediction": scores[0], "readable": scores[0], "scores": scores}
+        label = max(range(len(scores)), key=scores.__getitem__)
+        names = source.label_names
+        readable = names[label] if names and label < len(names) else f"LABEL_{label}"
+        return {"adapter": name, "prediction": label, "readable": readable, "scores": scores}
+
+    def _generate(self, name: str, rows: Sequence[Row]) -> list[str]:
+        from lorakit.generate import (
+            Input,
+            build_prompts,
+            decoding,
+            generate_from_prompts,
+            one_line,
+            prompt_room,
+        )
+        from lorakit.lora import activated
+
+        source = self.sources[name]
+        prompts = build_prompts([Input(r.text, r.where) for r in rows], source.task_name)
+        settings = decoding(source.recipe)
+        length = source.max_length or prompt_room(self.model.config, settings.max_new_tokens)
+        with activated(self.model, name):
+            texts = generate_from_prompts(
+                self.model, self.tokenizer, prompts, settings, length, self.accelerator
+            )
+        return [one_line(t, source.task_name) for t in texts]
+
+
+def check_prompts(sources: dict[str, AdapterSource], rows: Sequence[Row]) -> None:
+    """Build every generation row's prompt once, before the model loads: a bad input fails at once."""
+    from lorakit.generate import Input, build_prompts
+
+    for row in rows:
+        source = sources[row.adapter]
+        if source.kind == "generation":
+            build_prompts([Input(row.text, row.where)], source.task_name)

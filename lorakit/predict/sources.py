@@ -1,0 +1,183 @@
+"""The adapters a prediction run serves: ``--adapter NAME=DIR`` resolved into what each one needs (its
+task kind, labels, tokenization, decoding, the base it was trained on), and the check that they all
+belong to one base model before any weight is read.
+
+DIR is a lorakit run directory (its ``recipe.yaml`` gives the base, the task, the max length and the
+decoding) or a plain PEFT adapter directory, whose base comes from ``--base`` (else the
+``base_model_name_or_path`` it records) and whose label count comes from its head.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from safetensors import safe_open
+
+from lorakit.errors import UserError
+from lorakit.lora import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME
+from lorakit.runs import RECIPE_FILE
+
+if TYPE_CHECKING:
+    from lorakit.recipe import Recipe
+
+# Keys that matter to training only and that recipe validation checks on disk: a run whose data or
+# starting adapter has since moved still predicts.
+TRAINING_ONLY = ("task.data_dir=null", "lora.init_from=null", "train.distributed=null")
+_HEAD_OUTPUTS = ("out_proj.weight", "classifier.weight", "score.weight")
+
+
+@dataclass
+class AdapterSource:
+    """One adapter to serve, as read from its directory (no weights loaded)."""
+
+    name: str
+    path: Path
+    base: str  # the base model it was trained on: a hub id or a local directory
+    kind: str  # classification | regression | generation
+    num_labels: int  # 0 for generation
+    label_names: list[str] | None
+    task_name: str | None  # the task whose prompts and decoding a generation adapter uses
+    max_length: int | None  # None: the tokenizer's own limit
+    recipe: Recipe | None  # None for a plain PEFT directory
+    where: str  # "--adapter NAME=DIR", for error messages
+
+    @property
+    def spec(self) -> str:
+        """``NAME=DIR`` as given on the command line."""
+        return f"{self.name}={self.path}"
+
+
+def parse_adapter_spec(spec: str) -> tuple[str, Path]:
+    """``NAME=DIR`` into its parts; UserError naming the option for anything else."""
+    name, sep, path = spec.partition("=")
+    name = name.strip()
+    where = f"--adapter {spec}"
+    if not sep or not name or not path.strip():
+        raise UserError("expected NAME=RUN_DIR, e.g. --adapter sst2=runs/sst2", where=where)
+    if not all(c.isalnum() or c in "-_." for c in name):
+        raise UserError(f"adapter name {name!r}: use letters, digits, '-', '_' and '.' only", where=where)
+    return name, Path(path.strip())
+
+
+def _head_width(weights: Path) -> int | None:
+    """Output count of the head in an adapter file (its last projection's rows), or None."""
+    with safe_open(str(weights), framework="pt") as f:
+        keys = [k.removeprefix(PEFT_PREFIX) for k in f.keys()]  # noqa: SIM118
+        for suffix in _HEAD_OUTPUTS:
+            hits = [k for k in keys if k.endswith(suffix) and "lora_" not in k]
+            if hits:
+                return int(f.get_slice(PEFT_PREFIX + hits[0]).get_shape()[0])
+    return None
+
+
+def read_source(spec: str, base: str | None, max_length: int | None) -> AdapterSource:
+    """What ``--adapter NAME=DIR`` serves; UserError (exit 2) for a directory that is not an adapter."""
+    from lorakit.recipe import load_recipe
+    from lorakit.tasks import get_task
+
+    name, path = parse_adapter_spec(spec)
+    where = f"--adapter {spec}"
+    if not path.is_dir():
+        raise UserError("not found (expected a lorakit run directory or a PEFT adapter directory)", where)
+    if not (path / WEIGHTS_NAME).is_file() or not (path / CONFIG_NAME).is_file():
+        what = "a full fine-tuning run, not an adapter" if (path / "model").is_dir() else "no adapter"
+        raise UserError(f"{what} ({WEIGHTS_NAME} and {CONFIG_NAME})", where)
+    width = _head_width(path / WEIGHTS_NAME)
+    if (path / RECIPE_FILE).is_file():
+        recipe = load_recipe(path / RECIPE_FILE, TRAINING_ONLY)
+        task = get_task(recipe.task.name)
+        kind = task.kind
+        return AdapterSource(
+            name=name,
+            path=path,
+            base=recipe.model.name_or_path,
+            kind=kind,
+            num_labels=task.num_labels,
+            label_names=getattr(task, "label_names", None),
+            task_name=task.name if kind == "generation" else None,
+            max_length=max_length or recipe.task.max_length,
+            recipe=recipe,
+            where=where,
+        )
+    try:
+        file_config: dict[str, Any] = json.loads((path / CONFIG_NAME).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {CONFIG_NAME}: {exc}", where) from None
+    recorded = file_config.get("base_model_name_or_path")
+    if base is None and not recorded:
+        raise UserError("a PEFT adapter without a recipe: name its base model with --base", where)
+    generation = file_config.get("task_type") == "CAUSAL_LM"
+    if not generation and width is None:
+        raise UserError("holds no classification head (modules_to_save): nothing would predict", where)
+    kind = "generation" if generation else "regression" if width == 1 else "classification"
+    return AdapterSource(
+        name=name,
+        path=path,
+        base=base or str(recorded),
+        kind=kind,
+        num_labels=0 if generation else int(width or 0),
+        label_names=None,
+        task_name=None,  # no recipe, no task template: the text is the prompt as it is
+        max_length=max_length,
+        recipe=None,
+        where=where,
+    )
+
+
+def _fingerprint(base: str) -> dict[str, Any] | None:
+    """For a local model directory: its config's shape keys and a digest of its weight files."""
+    path = Path(base)
+    if not (path / "config.json").is_file():
+        return None
+    config = json.loads((path / "config.json").read_text())
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "n_embd")
+    digest = hashlib.sha256()
+    for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        with weights.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return {"shape": {k: config[k] for k in keys if k in config}, "weights": digest.hexdigest()}
+
+
+def check_one_base(sources: list[AdapterSource], base: str | None) -> str:
+    """The one base model every adapter was trained on; UserError naming the adapter that differs.
+
+    The same name (or the same local directory) is the same base. Two local directories are the same
+    base when their configs' shapes and their weight files agree; anything else is refused.
+    """
+    first = base or sources[0].base
+    kinds = {s.kind == "generation" for s in sources}
+    if len(kinds) > 1:
+        gen = next(s for s in sources if s.kind == "generation")
+        raise UserError(
+            "generation and classification adapters need different model heads: run them separately",
+            gen.where,
+        )
+    reference = None
+    for source in sources:
+        if _same_name(source.base, first):
+            continue
+        reference = reference or _fingerprint(first)
+        other = _fingerprint(source.base)
+        if reference is not None and other is not None and reference == other:
+            continue
+        detail = ""
+        if reference is not None and other is not None and reference["shape"] != other["shape"]:
+            diff = {k: (reference["shape"].get(k), v) for k, v in other["shape"].items()}
+            diff = {k: v for k, v in diff.items() if v[0] != v[1]}
+            detail = "; " + ", ".join(f"{k} {b} here, {a} there" for k, (a, b) in diff.items())
+        elif reference is not None and other is not None:
+            detail = "; its weights differ"
+        raise UserError(f"trained on base {source.base!r}, not {first!r}{detail}", source.where)
+    return first
+
+
+def _same_name(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    pa, pb = Path(a), Path(b)
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
