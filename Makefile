@@ -31,16 +31,16 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check lorakit tests scripts
 	$(VENV)/bin/ruff format --check lorakit tests scripts
 
-bench:
+bench: $(STAMP)
 	$(PY) scripts/bench.py --out benchmarks
 
-bench-quick:
+bench-quick: $(STAMP)
 	$(PY) scripts/bench.py --quick --out benchmarks
 
-# The learning-rate sweep whose picks `make bench` trains with, the LoRA setups tried on MRPC, and the
-# quality runs at more seeds that the quality targets take medians over. Run before `make bench` when
-# the quality section changes (about 75 minutes on 2 cores).
-bench-tune:
+# The learning-rate sweep whose picks `make bench`'s quality section trains with, each method at four
+# rates on held-out training rows, through `lorakit train`. Run before `make bench` when the quality
+# section changes (a long job: 3 tasks x 8 runs on 2 cores).
+bench-tune: $(STAMP)
 	$(PY) scripts/bench.py --only lr-sweep --out benchmarks
 
 # The quick start: LoRA on the real pretrained MiniLM for SST-2, offline (see configs/demo.yaml).

@@ -1,5 +1,6 @@
 """The shapes of the paper's models, for figures that need only a config (no weights, no hub):
-``lorakit info``-style parameter counts, adapter sizes, memory estimates."""
+``lorakit info``-style parameter counts, adapter sizes, memory estimates, and the benchmarks' models
+(random weights: the values do not change a step's cost)."""
 
 from __future__ import annotations
 
@@ -45,8 +46,34 @@ PAPER_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def save_paper_config(name: str, out_dir: str | Path) -> Path:
     """Write ``config.json`` (and nothing else) for the paper model ``name`` into ``out_dir``."""
+    paper_config(name).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+# name -> (r, the paper's trainable-parameter figure): the rank each model is adapted with in the paper
+# (query and value), and the count its tables print.
+PAPER_LORA: dict[str, tuple[int, str]] = {
+    "roberta-base": (8, "0.3M"),
+    "roberta-large": (8, "0.8M"),
+    "deberta-v2-xxlarge": (16, "4.7M"),
+    "gpt2-medium": (4, "0.35M"),
+}
+
+
+def paper_config(name: str, **overrides: Any) -> Any:
+    """The transformers config of the paper model ``name``, with ``overrides`` (``num_labels``, or a
+    narrower shape for a stand-in) applied."""
     from transformers import AutoConfig
 
     model_type, keys = PAPER_MODELS[name]
-    AutoConfig.for_model(model_type, **keys).save_pretrained(out_dir)
-    return Path(out_dir)
+    return AutoConfig.for_model(model_type, **{**keys, **overrides})
+
+
+def paper_model(name: str, **overrides: Any) -> Any:
+    """The paper model ``name`` with random weights (``paper_config``): a sequence classifier for the
+    encoders, a causal LM for GPT-2. Built under ``torch.device("meta")`` it holds no storage at all."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = paper_config(name, **overrides)
+    auto = AutoModelForCausalLM if config.model_type == "gpt2" else AutoModelForSequenceClassification
+    return auto.from_config(config)

@@ -1,13 +1,12 @@
 """lorakit's benchmarks: LoRA's promises measured against what a user would pick instead, in one run.
 
-    python scripts/bench.py --out benchmarks            # make bench        (under 20 minutes, 2 CPU cores)
-    python scripts/bench.py --quick --out benchmarks    # make bench-quick  (under 3 minutes)
+    python scripts/bench.py --out benchmarks            # make bench        (about 30 minutes, 2 CPU cores)
+    python scripts/bench.py --quick --out benchmarks    # make bench-quick  (a few minutes)
     python scripts/bench.py --only speed --out DIR      # one section (repeatable; see SECTIONS)
 
 Sections write ``DIR/<section>.json`` (``--quick`` runs write ``DIR/quick/``); ``DIR/RESULTS.md`` and its
 PNG plots are then rendered from every section JSON in DIR, so rerunning one section keeps the others.
-``lr-sweep`` (the learning-rate search the quality section's rates come from) and ``lora-variants`` (other
-LoRA setups on one task, at the swept rates) run only when named.
+``lr-sweep`` (the learning-rate search the quality section's rates come from) runs only when named.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("sizes", "speed", "inference", "quality")
-OPTIONAL_SECTIONS = ("lr-sweep", "lora-variants", "quality-seeds")
+OPTIONAL_SECTIONS = ("lr-sweep",)
 
 
 def _plan(quick: bool) -> dict:
@@ -27,39 +26,31 @@ def _plan(quick: bool) -> dict:
     from bench_quality import TaskPlan
 
     if quick:
+        sst2 = TaskPlan("sst2", "SST-2", 160, 1, eval_rows=200)
         return {
             "speed": [("roberta-small", 8, 64, 2), ("gpt2-small4", 4, 64, 2)],
-            "paired": [("roberta-small", 8, 64, 6), ("gpt2-small4", 4, 64, 6)],
             "layers": [("roberta-small", 8, 64, 20), ("gpt2-small4", 4, 64, 20)],
             "inference": ("roberta-small", (1, 32), 128, (5, 2)),
             "inference_layers": [("roberta-small", rows, 64, 10, 8, False) for rows in (1, 32)],
-            "quality": [TaskPlan("sst2", "SST-2", 480, 1)],
-            "lr_sweep": [(TaskPlan("sst2", "SST-2", 480, 1), 400)],
-            "lora_variants": (TaskPlan("mrpc", "MRPC", 200, 1), 200, 400),
-            "quality_seeds": [(TaskPlan("sst2", "SST-2", 480, 1), (1,))],
+            "quality": [sst2],
+            "seeds": (0, 1),
+            "lr_sweep": [(sst2, 200)],
         }
     import torch
 
     # GPT-2 medium at 16 × 128 would put the section over its time budget on 2 CPU cores: 4 × 128 there,
-    # 16 × 128 on a GPU. For the same reason the in-process pairs run only on a GPU; on the CPU the
-    # lorakit-against-PEFT figures come from the per-process rounds and the one-layer measurements.
-    gpu = torch.cuda.is_available()
-    gpt2_rows = 16 if gpu else 4
+    # 16 × 128 on a GPU.
+    gpt2_rows = 16 if torch.cuda.is_available() else 4
     quality = [
         TaskPlan("sst2", "SST-2", 1500, 2),
-        TaskPlan("rte", "RTE", 300, 2),
         TaskPlan("mrpc", "MRPC", 800, 2),
         TaskPlan("stsb", "STS-B", 600, 2),
     ]
-    # Rows held out of each task's training file for the sweep: as many as its dev set has, within what
-    # the file leaves after the training draw.
-    heldout = {"sst2": 872, "rte": 277, "mrpc": 408, "stsb": 1000}
+    # Rows held out of each task's training file for the sweep: as many as its dev set has.
+    heldout = {"sst2": 872, "mrpc": 408, "stsb": 1000}
     return {
         # Rounds of the LoRA contenders, then how many of them also run a full fine-tuning step.
         "speed": [("roberta-base", 16, 128, 3, 2), ("gpt2-medium", gpt2_rows, 128, 3, 2)],
-        "paired": [(name, rows, 128, 5) for name, rows in (("roberta-base", 16), ("gpt2-medium", 16))]
-        if gpu
-        else [],
         "layers": [("roberta-base", 16, 128, 20), ("gpt2-medium", gpt2_rows, 128, 20)],
         "inference": ("roberta-base", (1, 32), 128, (10, 3)),
         # gpt2-medium's c_attn at 32 × 128 runs a third of a second per unit, and its gap is wide.
@@ -69,25 +60,21 @@ def _plan(quick: bool) -> dict:
             for rows in (1, 32)
         ],
         "quality": quality,
+        "seeds": (0, 1, 2),
         "lr_sweep": [(plan, heldout[plan.name]) for plan in quality],
-        # MRPC: the task where LoRA trailed full fine-tuning by the most (benchmarks/RESULTS.md).
-        "lora_variants": (quality[2], heldout["mrpc"], 2 * (quality[2].train_rows or 0)),
-        # Seed 0 is the quality section's own run; MRPC, the closest call, gets more seeds.
-        "quality_seeds": [(plan, (1, 2, 3, 4) if plan.name == "mrpc" else (1, 2)) for plan in quality],
     }
 
 
-def _lrs(out: Path) -> tuple[dict[str, dict[str, float]], str]:
-    """Each task's learning rates for the quality section: the sweep's picks when DIR holds a sweep, else
-    ``DEFAULT_LR`` for every task."""
+def _lrs(out: Path) -> dict[str, dict[str, float]]:
+    """Each task's learning rates for the quality section: the sweep's picks in DIR (or the directory
+    above, for --quick), else none (``DEFAULT_LR`` then)."""
     from bench_common import read_json
 
     for path in (out / "lr-sweep.json", out.parent / "lr-sweep.json"):
         sweep = read_json(path)
-        if sweep and "tasks" in sweep["result"]:
-            picks = {t["task"]: dict(t["picks"]) for t in sweep["result"]["tasks"]}
-            return picks, f"each task's picks in {path.name}"
-    return {}, "no sweep at hand: DEFAULT_LR for every task"
+        if sweep:
+            return {t["task"]: dict(t["picks"]) for t in sweep["result"]["tasks"]}
+    return {}
 
 
 def run_section(name: str, quick: bool, out: Path, data_root: Path) -> dict:
@@ -102,7 +89,6 @@ def run_section(name: str, quick: bool, out: Path, data_root: Path) -> dict:
     if name == "speed":
         return {
             "models": [bench_speed.train_step_benchmark(*spec) for spec in plan["speed"]],
-            "paired": [bench_speed.paired_step_benchmark(*spec) for spec in plan["paired"]],
             "layers": [bench_speed.layer_benchmark(*spec) for spec in plan["layers"]],
         }
     if name == "inference":
@@ -111,26 +97,15 @@ def run_section(name: str, quick: bool, out: Path, data_root: Path) -> dict:
             "layers": [bench_speed.layer_benchmark(*spec) for spec in plan["inference_layers"]],
         }
     if name == "quality":
-        lrs, source = _lrs(out)
-        return {**bench_quality.quality_section(plan["quality"], data_root, lrs), "lr_source": source}
+        return bench_quality.quality_section(plan["quality"], data_root, _lrs(out), plan["seeds"])
     if name == "lr-sweep":
         return bench_quality.lr_sweep_section(plan["lr_sweep"], data_root)
-    if name == "quality-seeds":
-        lrs, source = _lrs(out)
-        result = bench_quality.quality_seeds_section(plan["quality_seeds"], data_root, lrs)
-        return {**result, "lr_source": source}
-    if name == "lora-variants":
-        task_plan, heldout, more_rows = plan["lora_variants"]
-        lrs, source = _lrs(out)
-        task_lrs = lrs.get(task_plan.name, bench_quality.DEFAULT_LR)
-        result = bench_quality.lora_variants_section(task_plan, data_root, heldout, task_lrs, more_rows)
-        return {**result, "lr_source": source}
     raise ValueError(name)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="lorakit benchmarks against PEFT and full fine-tuning")
-    parser.add_argument("--quick", action="store_true", help="small models and subsets (under 3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="small models and subsets (a few minutes)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks", help="results directory")
     parser.add_argument(
         "--only",
@@ -142,14 +117,16 @@ def main(argv: list[str] | None = None) -> int:
         "--data",
         type=Path,
         default=REPO.parent / "shared" / "data" / "glue",
-        help="GLUE folders (SST-2, RTE, MRPC, STS-B)",
+        help="GLUE folders (SST-2, MRPC, STS-B)",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the budget: 2 CPU cores)")
     args = parser.parse_args(argv)
 
     import bench_common
     import bench_report
-    from bench_common import environment, setup_torch, write_json
+    from bench_common import environment, setup_torch
+
+    from lorakit.runs import write_json
 
     out = args.out / "quick" if args.quick else args.out
     bench_common.THREADS = args.threads

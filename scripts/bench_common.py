@@ -1,5 +1,5 @@
 """What the benchmark sections share: the models they build, the three contenders (lorakit LoRA, PEFT
-LoRA, full fine-tuning), interleaved timing, peak memory, and the JSON they write.
+LoRA, full fine-tuning), interleaved timing, round-by-round statistics, peak memory, the environment record.
 
 Timing rule for every section: contenders run interleaved, in rounds whose orders balance who runs
 first and who runs after whom (``round_orders``), and each figure is a median, so a burst of load from
@@ -30,80 +30,72 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402  (after the environment above)
 from torch import nn  # noqa: E402
 
+from lorakit.paper_models import PAPER_MODELS, paper_model  # noqa: E402
+
 CONTENDERS = ("lorakit", "peft", "full")
 THREADS = 2  # the CPU budget the benchmarks are specified for; bench.py --threads changes it
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    """A model built from a config with random weights: no download, same weights for every seed."""
+    """A paper model (``lorakit.paper_models``) built from its config with random weights, optionally
+    narrowed (``overrides``): no download, the same weights for every contender."""
 
     name: str
-    family: str  # "roberta" (sequence classification) or "gpt2" (causal LM)
-    config: Mapping[str, Any]
-    lorakit_targets: Sequence[str]
-    peft_targets: Sequence[str]
-    peft_rank_factor: int = 1  # PEFT's r = factor · r: see gpt2_medium below
-    heads: Sequence[str] = field(default_factory=tuple)
+    paper: str  # the PAPER_MODELS entry it derives from
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        return PAPER_MODELS[self.paper][0]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {**PAPER_MODELS[self.paper][1], **self.overrides}
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        return () if self.family == "gpt2" else ("classifier",)
+
+    # GPT-2's q|k|v live in one Conv1D, c_attn (d → 3d). lorakit adapts the q and v slices with a rank-r
+    # pair each: 2·r·(d + d) parameters a layer. PEFT can only adapt c_attn whole; with the same r that is
+    # r·(d + 3d): exactly the same count, so PEFT gets r unchanged.
+    @property
+    def lorakit_targets(self) -> list[str]:
+        return ["c_attn[q,v]"] if self.family == "gpt2" else ["query", "value"]
+
+    @property
+    def peft_targets(self) -> list[str]:
+        return ["c_attn"] if self.family == "gpt2" else ["query", "value"]
 
 
-_ROBERTA = dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, num_labels=2)
-_ROBERTA_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
-
-ROBERTA_BASE = ModelShape(
-    "roberta-base",
-    "roberta",
-    {**_ROBERTA, **_ROBERTA_BASE},
-    ("query", "value"),
-    ("query", "value"),
-    heads=("classifier",),
+_LABELS = {"num_labels": 2}
+_SMALL = dict(
+    vocab_size=8000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024
 )
-# GPT-2's q|k|v live in one Conv1D, c_attn (1024 → 3072). lorakit adapts the q and v slices with a
-# rank-r pair each: 2·r·(1024 + 1024) parameters a layer. PEFT can only adapt c_attn whole; with the same
-# r that is r·(1024 + 3072): exactly the same count, so PEFT gets r unchanged (factor 1).
-GPT2_MEDIUM = ModelShape(
-    "gpt2-medium", "gpt2", dict(n_embd=1024, n_layer=24, n_head=16), ("c_attn[q,v]",), ("c_attn",)
-)
-# Quick-mode stand-ins: the same architectures, narrow and shallow.
-ROBERTA_SMALL = ModelShape(
-    "roberta-small",
-    "roberta",
-    {
-        **_ROBERTA,
-        "vocab_size": 8000,
-        "hidden_size": 256,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "intermediate_size": 1024,
-    },
-    ("query", "value"),
-    ("query", "value"),
-    heads=("classifier",),
-)
-GPT2_SMALL = ModelShape(
-    "gpt2-small4",
-    "gpt2",
-    dict(n_embd=256, n_layer=4, n_head=4, vocab_size=8000),
-    ("c_attn[q,v]",),
-    ("c_attn",),
-)
-ROBERTA_TINY = ModelShape(
-    "roberta-tiny",
-    "roberta",
-    {
-        **_ROBERTA,
-        "vocab_size": 500,
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "intermediate_size": 64,
-        "max_position_embeddings": 80,
-    },
-    ("query", "value"),
-    ("query", "value"),
-    heads=("classifier",),
-)
-SHAPES = {s.name: s for s in (ROBERTA_BASE, GPT2_MEDIUM, ROBERTA_SMALL, GPT2_SMALL, ROBERTA_TINY)}
+# The paper's shapes, and the bench-only stand-ins (--quick and the tests): the same architectures, narrow.
+SHAPES = {
+    s.name: s
+    for s in (
+        ModelShape("roberta-base", "roberta-base", _LABELS),
+        ModelShape("gpt2-medium", "gpt2-medium"),
+        ModelShape("roberta-small", "roberta-base", {**_LABELS, **_SMALL}),
+        ModelShape("gpt2-small4", "gpt2-medium", dict(n_embd=256, n_layer=4, n_head=4, vocab_size=8000)),
+        ModelShape(
+            "roberta-tiny",
+            "roberta-base",
+            {
+                **_SMALL,
+                **_LABELS,
+                "vocab_size": 500,
+                "hidden_size": 32,
+                "num_hidden_layers": 2,
+                "intermediate_size": 64,
+                "max_position_embeddings": 80,
+            },
+        ),
+    )
+}
 
 
 def setup_torch(threads: int | None = None) -> torch.device:
@@ -115,12 +107,8 @@ def setup_torch(threads: int | None = None) -> torch.device:
 
 def build_base(shape: ModelShape, seed: int = 0) -> nn.Module:
     """The model with random weights from ``seed``: every contender starts from the same weights."""
-    from transformers import GPT2Config, GPT2LMHeadModel, RobertaConfig, RobertaForSequenceClassification
-
     torch.manual_seed(seed)
-    if shape.family == "gpt2":
-        return GPT2LMHeadModel(GPT2Config(**shape.config))
-    return RobertaForSequenceClassification(RobertaConfig(**shape.config))
+    return paper_model(shape.paper, **shape.overrides)
 
 
 def apply_contender(model: nn.Module, shape: ModelShape, contender: str, r: int, alpha: float) -> nn.Module:
@@ -132,7 +120,7 @@ def apply_contender(model: nn.Module, shape: ModelShape, contender: str, r: int,
     if contender == "lorakit":
         from lorakit.lora import LoraConfig, inject_lora, mark_trainable
 
-        config = LoraConfig(r=r, alpha=alpha, target_modules=list(shape.lorakit_targets))
+        config = LoraConfig(r=r, alpha=alpha, target_modules=shape.lorakit_targets)
         inject_lora(model, config)
         mark_trainable(model, "none", shape.heads)
         return model
@@ -140,24 +128,15 @@ def apply_contender(model: nn.Module, shape: ModelShape, contender: str, r: int,
         import peft
 
         config = peft.LoraConfig(
-            r=r * shape.peft_rank_factor,
-            lora_alpha=alpha * shape.peft_rank_factor,
+            r=r,
+            lora_alpha=alpha,
             lora_dropout=0.0,
-            target_modules=list(shape.peft_targets),
+            target_modules=shape.peft_targets,
             modules_to_save=list(shape.heads) or None,
             fan_in_fan_out=shape.family == "gpt2",
         )
         return peft.get_peft_model(model, config)
     raise ValueError(f"unknown contender {contender!r}; choose from {CONTENDERS}")
-
-
-def trainable_count(model: nn.Module) -> int:
-    """Parameters the optimizer updates (shared tensors once)."""
-    seen: dict[int, int] = {}
-    for p in model.parameters():
-        if p.requires_grad:
-            seen[id(p)] = p.numel()
-    return sum(seen.values())
 
 
 def sync(device: torch.device) -> None:
@@ -245,21 +224,6 @@ def difference_stats(num: Sequence[Timing], den: Sequence[Timing]) -> dict[str, 
     return {"median_s": median, "ci95_s": ci, "differences_s": diff.tolist()}
 
 
-def paired(first: Callable[[], Timing], second: Callable[[], Timing], pairs: int) -> dict[str, Any]:
-    """Run ``first`` and ``second`` back to back ``pairs`` times, the order alternating: the per-pair
-    ratios first/second (``ratio_stats``) and each side's summary."""
-    a: list[Timing] = []
-    b: list[Timing] = []
-    for i in range(pairs):
-        if i % 2 == 0:
-            a.append(first())
-            b.append(second())
-        else:
-            b.append(second())
-            a.append(first())
-    return {"pairs": pairs, **ratio_stats(a, b), "first": summarize(a), "second": summarize(b)}
-
-
 def summarize(timings: Sequence[Timing]) -> dict[str, Any]:
     """Median and spread of wall-clock times, and the median CPU time."""
     wall = [t[0] for t in timings]
@@ -323,14 +287,6 @@ def environment(device: torch.device) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "peft": peft.__version__,
     }
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as indented JSON (through a temporary name, so readers never see half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
-    tmp.replace(path)
 
 
 def read_json(path: Path) -> Any:

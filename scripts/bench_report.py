@@ -1,124 +1,324 @@
 """RESULTS.md and its plots, rendered from the section JSON files a benchmark run leaves in a directory.
-
-Every number in the page is read from those files; nothing here measures anything.
-"""
+Every number in the page is read from those files; the prose is the fixed text below."""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
 from bench_common import read_json
-from bench_format import header, mib
-from bench_report_quality import quality_section, seed_scores, seeds_section, sweep_section, variants_section
-from bench_report_speed import inference_section, inference_targets, speed_section, speed_targets
+from bench_quality import seed_gaps
+
+METHOD = """\
+lorakit's LoRA against PEFT's LoRA (same targets, rank, alpha, head) and against full fine-tuning, measured
+by `scripts/bench.py` (`make bench`; `make bench-quick` writes `benchmarks/quick/`, small models, not the
+headline figures). Speed and memory use models of the paper's shapes with random weights
+(`lorakit.paper_models`); every contender trains with torch's fused AdamW. Contenders run interleaved, in
+rounds whose orders balance who runs first and after whom, and a ratio (or difference) is taken within each
+round, then the median over rounds; the bootstrap 95% interval over rounds is in brackets. Training steps
+run in one process per contender, so that each peak memory (peak RSS on the CPU) is its own. "One adapted
+layer" times the first attention block's adapted projection alone, where the two LoRA implementations
+differ. Quality fine-tunes the real pretrained MiniLM-L6 (BERT) on real GLUE rows: lorakit LoRA and full
+fine-tuning run `lorakit.training.train` on a recipe (what `lorakit train` runs; the score is the run's
+final dev evaluation in metrics.json), PEFT runs the Hugging Face Trainer on the same rows, tokenization,
+batch, epochs, learning rate, schedule, warmup, weight decay, clipping and head modules. The machine is a
+shared 2-core CPU: absolute times are noisy, ratios within a round less so; each section's line gives its
+date and the load average at its start."""
+
+RULES = """\
+## Rules
+
+A ratio target is met when its median is within the bound; the bootstrap 95% interval is reported beside
+it. A difference target is met when its median is within the bound. The quality target is met when the
+median over seeds of the per-seed gap (lorakit LoRA − full fine-tuning, same seed) is ≥ −2.0 points; the
+per-seed gaps are reported beside it. A target not met says **no**."""
+
+NAMES = {"lorakit": "lorakit LoRA", "peft": "PEFT LoRA", "full": "full fine-tuning"}
+INFER = {"base": "base", "lorakit_unmerged": "lorakit unmerged", "lorakit_merged": "lorakit merged"}
+INFER |= {"peft_unmerged": "PEFT unmerged"}
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:,.0f} ms" if abs(s) >= 1 else f"{s * 1e3:,.2f} ms"
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
+
+
+def _ci(stats: dict[str, Any], key: str = "ratio") -> str:
+    if key == "ratio":
+        low, high = stats["ratio_ci95"]
+        return f"{stats['ratio_median']:.3f} [{low:.3f}, {high:.3f}]"
+    low, high = stats["ci95_s"]
+    return f"{_ms(stats['median_s'])} [{_ms(low)}, {_ms(high)}]"
+
+
+def _header(title: str, data: dict[str, Any]) -> list[str]:
+    env = data["environment"]
+    load = env.get("load_average")
+    load_txt = f", load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} at start" if load else ""
+    return [
+        f"## {title}",
+        "",
+        f"_{env['date']}, {env['device']}, {env['torch_threads']} threads, torch {env['torch']}, "
+        f"transformers {env['transformers']}, peft {env['peft']}{load_txt}; took {data['seconds']:.0f} s._",
+        "",
+    ]
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return lines + ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows] + [""]
+
+
+def _bars(path: Path, title: str, groups: list[str], series: dict[str, list[float]], ylabel: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    width = 0.8 / max(len(series), 1)
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar(
+            [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))], values, width, label=label
+        )
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set(ylabel=ylabel, title=title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def targets(sections: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """Every target as (target, measured, met)."""
+    rows: list[tuple[str, str, bool]] = []
+    layers = []
+    if "speed" in sections:
+        result = sections["speed"]["result"]
+        for m in result["models"]:
+            where = f"{m['model']} {m['batch']}×{m['seq']}"
+            rounds = m["round_ratios"]
+            peft, full = rounds["lorakit_over_peft"], rounds["lorakit_over_full"]
+            rows.append((f"{where}: LoRA step ≤ 1.00× PEFT's", _ci(peft), peft["ratio_median"] <= 1.0))
+            rows.append((f"{where}: LoRA step ≤ 0.75× full's", _ci(full), full["ratio_median"] <= 0.75))
+            memory = m["ratios"]["memory_lorakit_over_full"]
+            rows.append((f"{where}: LoRA peak memory ≤ 0.80× full's", f"{memory:.3f}", memory <= 0.80))
+        layers += result.get("layers", [])
+    if "inference" in sections:
+        result = sections["inference"]["result"]
+        for batch, s in result["batches"].items():
+            where = f"{result['model']} batch {batch}×{result['seq']}"
+            merged = s["lorakit_merged"]["round_ratio_to_base"]
+            rows.append((f"{where}: merged ≤ 1.02× base", _ci(merged), merged["ratio_median"] <= 1.02))
+            peft = s["lorakit_unmerged"]["round_ratio_to_peft"]
+            rows.append((f"{where}: unmerged ≤ 1.00× PEFT unmerged", _ci(peft), peft["ratio_median"] <= 1.0))
+        layers += result.get("layers", [])
+    for m in layers:
+        diff = m["rounds"]["lorakit_minus_peft"]
+        name = f"{m['model']} {m['module']}, {m['tokens']:,} tokens, {m['mode']}: LoRA overhead − PEFT's ≤ 0"
+        rows.append((name, _ci(diff, "diff"), diff["median_s"] <= 0))
+    if "quality" in sections:
+        for task in sections["quality"]["result"]["tasks"]:
+            gaps = seed_gaps(task)
+            median = statistics.median(gaps.values())
+            per_seed = ", ".join(f"seed {s}: {g:+.1f}" for s, g in sorted(gaps.items()))
+            rows.append(
+                (f"{task['task']}: LoRA − full ≥ −2.0 points", f"{median:+.1f} ({per_seed})", median >= -2.0)
+            )
+    return rows
+
+
+def _speed(data: dict[str, Any], out: Path) -> list[str]:
+    lines = _header("Training step: forward, backward, AdamW step", data)
+    rows, groups, series = [], [], {n: [] for n in NAMES.values()}
+    for m in data["result"]["models"]:
+        groups.append(f"{m['model']} {m['batch']}×{m['seq']}")
+        for name, c in m["contenders"].items():
+            rows.append(
+                [groups[-1], NAMES[name], f"{c['trainable']:,}", f"{c['median_s']:.2f} s", c["reps"]]
+                + [_mib(c["peak_memory_bytes"])]
+            )
+            series[NAMES[name]].append(c["median_s"])
+    lines += _table(["model", "contender", "trainable", "median step", "rounds", "peak memory"], rows)
+    _bars(out / "train_step.png", "Training step (median)", groups, series, "seconds")
+    return lines + ["![training step](train_step.png)", ""]
+
+
+def _inference(data: dict[str, Any], out: Path) -> list[str]:
+    r = data["result"]
+    lines = _header(f"Inference latency: {r['model']}, seq {r['seq']}, r = {r['r']}", data)
+    rows, series = [], {label: [] for label in INFER.values()}
+    for batch, stats in r["batches"].items():
+        cells = [batch, stats["base"]["reps"]]
+        for key, label in INFER.items():
+            ratio = stats[key]["round_ratio_to_base"]["ratio_median"]
+            cells.append(f"{_ms(stats[key]['median_s'])} ({ratio:.3f}×)")
+            series[label].append(ratio)
+        rows.append(cells)
+    lines += _table(["batch", "rounds", *(f"{v} (× base)" for v in INFER.values())], rows)
+    same = r.get("merged_structure_is_base")
+    lines += [f"Merged model has exactly the base model's modules, shapes and dtypes: {same}.", ""]
+    _bars(
+        out / "inference.png",
+        "Inference latency / base model",
+        [f"batch {b}" for b in r["batches"]],
+        series,
+        "×",
+    )
+    return lines + ["![inference latency](inference.png)", ""]
+
+
+def _layers(sections: dict[str, Any]) -> list[str]:
+    layers = [
+        m for k in ("speed", "inference") if k in sections for m in sections[k]["result"].get("layers", [])
+    ]
+    if not layers:
+        return []
+    rows = []
+    for m in layers:
+        c, rd = m["contenders"], m["rounds"]
+        rows.append(
+            [
+                m["model"],
+                m["module"],
+                m["mode"],
+                f"{m['tokens']:,}",
+                c["base"]["reps"],
+                _ms(c["base"]["median_s"]),
+            ]
+            + [_ms(rd["lorakit_overhead"]["median_s"]), _ms(rd["peft_overhead"]["median_s"])]
+            + [_ci(rd["lorakit_minus_peft"], "diff")]
+        )
+    head = ["model", "module", "mode", "tokens", "rounds", "bare layer", "lorakit overhead", "PEFT overhead"]
+    return ["## One adapted layer", ""] + _table([*head, "lorakit − PEFT [95%]"], rows)
 
 
 def _sizes(data: dict[str, Any]) -> list[str]:
-    lines = header("Adapter size against model size", data)
-    lines += [
-        "| model | r | LoRA params | paper | adapter file (LoRA only) | with task head | model (fp32) | "
-        "adapter / model |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    lines = _header("Adapter size against model size", data)
+    rows = [
+        [
+            m["model"],
+            m["r"],
+            f"{m['lora_params']:,}",
+            m["paper_lora_params"],
+            _mib(m["adapter_bytes_lora_only"]),
+        ]
+        + [_mib(m["adapter_bytes_with_head"]), _mib(m["model_bytes_fp32"])]
+        + [f"{100 * m['lora_only_fraction_of_model']:.2f}%"]
+        for m in data["result"]["models"]
     ]
-    for m in data["result"]["models"]:
-        lines.append(
-            f"| {m['model']} | {m['r']} | {m['lora_params']:,} | {m['paper_lora_params']} | "
-            f"{mib(m['adapter_bytes_lora_only'])} | {mib(m['adapter_bytes_with_head'])} | "
-            f"{mib(m['model_bytes_fp32'])} | {100 * m['lora_only_fraction_of_model']:.2f}% |"
-        )
-    lines += [
-        "",
-        "Query and value adapted. Built on the meta device from configs; the adapter's tensors are "
-        "materialised and written by `save_adapter`, so file sizes are exact (safetensors header and "
-        "adapter_config.json included). Heads: the 3-label MNLI classifier (DeBERTa: with its pooler). "
-        "Model: parameters × 4 bytes. GPT-2's file holds the PEFT-equivalent rank-2r pair on `c_attn` "
-        "(stacked A, block B with zero blocks for k), about twice its 393,216 trainable parameters. "
-        "The paper's 0.35M for GPT-2 M is below the 24 · 2 · 4 · (1024 + 1024) = 393,216 that q and "
-        "v at r = 4 give.",
-        "",
+    head = [
+        "model",
+        "r",
+        "LoRA params",
+        "paper",
+        "adapter file",
+        "with head",
+        "model (fp32)",
+        "adapter / model",
     ]
-    return lines
+    return lines + _table(head, rows)
 
 
-def _targets(sections: dict[str, Any]) -> list[str]:
-    rows = speed_targets(sections["speed"]) if "speed" in sections else []
-    if "inference" in sections:
-        rows += inference_targets(sections["inference"])
-    if "quality" in sections:
-        for task, s in seed_scores(sections["quality"], sections.get("quality-seeds")).items():
-            n = len(s["seeds"])
-            seed0 = s["lorakit"][0] - s["full"][0]
-            if n == 1:
-                rows.append((f"{task}: LoRA within 2 points of full", f"{seed0:+.1f}", seed0 >= -2.0))
+def _quality(data: dict[str, Any], out: Path) -> list[str]:
+    res = data["result"]
+    lines = _header(f"Quality: {res['model']}", data) + ([data["note"], ""] if data.get("note") else [])
+    rows, groups, series = [], [], {n: [] for n in NAMES.values()}
+    for task in res["tasks"]:
+        groups.append(task["task"])
+        for name in NAMES:
+            runs = sorted((r for r in task["runs"] if r["contender"] == name), key=lambda r: r["seed"])
+            if not runs:
+                series[NAMES[name]].append(0.0)
                 continue
+            scores = [r["main"] for r in runs]
+            series[NAMES[name]].append(statistics.median(scores))
+            per_seed = ", ".join(f"{r['seed']}: {r['main']:.1f}" for r in runs)
             rows.append(
-                (
-                    f"{task}: LoRA within 2 points of full, medians over {n} seeds",
-                    f"{s['median_gap']:+.1f} (seed 0 alone: {seed0:+.1f})",
-                    s["median_gap"] >= -2.0,
-                )
+                [task["task"], task["main_metric"], task["train_rows"], NAMES[name], f"{runs[0]['lr']:g}"]
+                + [f"{runs[0]['trainable']:,}", f"{statistics.median(scores):.1f}", per_seed]
+                + [f"{statistics.median(r['train_seconds'] for r in runs):.0f} s"]
+                + ["—" if task["majority_baseline"] is None else f"{task['majority_baseline']:.1f}"]
             )
-    if not rows:
-        return []
-    lines = [
-        "## Targets",
+    head = ["task", "metric", "train rows", "contender", "lr", "trainable", "median", "per seed"]
+    lines += _table([*head, "train time", "majority class"], rows)
+    lines += [
+        (
+            "Full dev sets"
+            if res["tasks"][0]["eval_rows"] is None
+            else f"{res['tasks'][0]['eval_rows']} dev rows"
+        )
+        + "; batch 32, max_length 128, linear schedule with 6% warmup, weight decay 0.01, clipping 1.0, "
+        f"epochs: {res['tasks'][0]['epochs']}; LoRA r = 8, alpha = 16 on query and value, pooler + "
+        "classifier trained. Learning rates: the picks of `benchmarks/lr-sweep.json`. Majority class: "
+        "over the full dev set.",
         "",
-        "Time ratios: the median over rounds (or pairs) of the ratio within one, wall clock, with a "
-        "bootstrap 95% interval in brackets. A bound (≤, within) counts as met on the median. 'No "
-        "slower than PEFT' and 'overhead ≤ PEFT's' look where the models differ, the adapted layers, "
-        "timed round by round (see 'One adapted layer'): met when lorakit's layer overhead is no more "
-        "than PEFT's and the whole step's or model's interval does not lie above 1.0. A whole pass lasts "
-        "seconds, over which this machine's speed drifts by more than the few percent of it that the "
-        "LoRA layers take, so its median alone could not tell a tie from a loss. Merged latency: the "
-        "merged model must have exactly the base model's modules, parameter shapes and dtypes (so it "
-        "runs the same kernels), and neither the merged layer's nor the whole model's interval may lie "
-        "above 1.02; two identical modules timed here differ by a few percent either way from round to "
-        "round, so a median alone would be a coin toss. "
-        "Quality: medians over seeds where the seeds section ran (the mean per-seed gap is in its table).",
-        "",
-        "| target | measured | met |",
-        "|---|---:|---|",
     ]
-    lines += [f"| {name} | {value} | {'yes' if ok else '**no**'} |" for name, value, ok in rows]
-    return lines + [""]
+    _bars(out / "quality.png", "Dev score (median over seeds)", groups, series, "score")
+    return lines + ["![quality](quality.png)", ""]
+
+
+def _history(sweep: dict[str, Any] | None, variants: dict[str, Any] | None) -> list[str]:
+    """The older tuning runs kept in the directory: when they ran, and with what code."""
+    if not sweep and not variants:
+        return []
+    lines = ["## Earlier tuning runs (not rerun)", ""]
+    if sweep:
+        rows = [[t["task"], t["picks"]["lora"], t["picks"]["full"]] for t in sweep["result"]["tasks"]]
+        code = (
+            "`lorakit train` (`make bench-tune`)"
+            if sweep["result"].get("code") == "lorakit train"
+            else "the benchmark's earlier hand-written training loop (scripts/bench_quality.py before it "
+            "ran `lorakit train`)"
+        )
+        lines += [
+            f"`lr-sweep.json`, run {sweep['environment']['date']} ({sweep['seconds']:.0f} s) by {code}, "
+            "scored on held-out training rows, seed 0. Its picks are the rates the quality section trains "
+            "with.",
+            "",
+            *_table(["task", "LoRA lr", "full lr"], rows),
+        ]
+    if variants:
+        lines += [
+            f"`lora-variants.json` (other LoRA setups on {variants['result']['task']}), run "
+            f"{variants['environment']['date']} by that same earlier loop; not rendered here.",
+            "",
+        ]
+    return lines
 
 
 def render(out: Path) -> Path:
     """Write ``out/RESULTS.md`` (and PNGs) from the section JSON files in ``out``; returns its path."""
-    sections = {
-        n: read_json(out / f"{n}.json")
-        for n in ("speed", "inference", "sizes", "quality", "quality-seeds", "lr-sweep", "lora-variants")
-    }
-    sections = {k: v for k, v in sections.items() if v}
-    quick = any(v.get("quick") for v in sections.values())
-    lines = [
-        "# lorakit benchmarks",
-        "",
-        "lorakit's LoRA against PEFT's LoRA (same targets, rank, init) and full fine-tuning, measured in one "
-        "run by `scripts/bench.py` (`make bench`; `make bench-quick` writes `benchmarks/quick/`). "
-        "Contenders are interleaved and figures are medians; a time ratio is the median of ratios taken "
-        "round by round, each round running every contender once. "
-        "Timings come from a shared 2-core machine, so their absolute values are noisy; the ratios less so."
-        + (" **Quick run: small models and subsets; not the headline figures.**" if quick else ""),
-        "",
-    ]
-    lines += _targets(sections)
+    names = ("sizes", "speed", "inference", "quality", "lr-sweep", "lora-variants")
+    sections = {n: d for n in names if (d := read_json(out / f"{n}.json"))}
+    quick = any(d.get("quick") for d in sections.values())
+    lines = ["# lorakit benchmarks", "", METHOD + (" **Quick run.**" if quick else ""), ""]
+    measured = [sections[n] for n in ("sizes", "speed", "inference", "quality") if n in sections]
+    if measured:
+        took = " + ".join(f"{d['section']} {d['seconds']:.0f} s" for d in measured)
+        lines += [f"This run: {took} = {sum(d['seconds'] for d in measured) / 60:.1f} minutes.", ""]
+    lines += [RULES, ""]
+    rows = targets(sections)
+    if rows:
+        lines += ["## Targets", ""] + _table(
+            ["target", "measured: median [95%]", "met"],
+            [[t, m, "yes" if ok else "**no**"] for t, m, ok in rows],
+        )
+    out.mkdir(parents=True, exist_ok=True)
     if "speed" in sections:
-        lines += speed_section(sections["speed"], out)
+        lines += _speed(sections["speed"], out)
     if "inference" in sections:
-        lines += inference_section(sections["inference"], out)
+        lines += _inference(sections["inference"], out)
+    lines += _layers(sections)
     if "sizes" in sections:
         lines += _sizes(sections["sizes"])
     if "quality" in sections:
-        lines += quality_section(sections["quality"], out)
-    if "quality-seeds" in sections and "quality" in sections:
-        lines += seeds_section(sections["quality-seeds"], sections["quality"])
-    if "lr-sweep" in sections:
-        lines += sweep_section(sections["lr-sweep"])
-    if "lora-variants" in sections:
-        lines += variants_section(sections["lora-variants"])
+        lines += _quality(sections["quality"], out)
+    lines += _history(sections.get("lr-sweep"), sections.get("lora-variants"))
     path = out / "RESULTS.md"
-    out.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines).rstrip() + "\n")
     return path

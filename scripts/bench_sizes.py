@@ -14,71 +14,18 @@ from typing import Any
 import torch
 from torch import nn
 
-_ROBERTA = dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, num_labels=3)
-_DEBERTA_XXL = dict(
-    hidden_size=1536,
-    num_hidden_layers=48,
-    num_attention_heads=24,
-    intermediate_size=6144,
-    vocab_size=128100,
-    relative_attention=True,
-    pos_att_type=["p2c", "c2p"],
-    position_buckets=256,
-    max_relative_positions=-1,
-    norm_rel_ebd="layer_norm",
-    share_att_key=True,
-    position_biased_input=False,
-    num_labels=3,
-)
+from lorakit.lora import count_parameters
+from lorakit.paper_models import PAPER_LORA, PAPER_MODELS, paper_model
 
-# name -> (config class, model class, config keys, r, the paper's trainable-parameter figure, heads)
-MODELS: dict[str, tuple[str, str, dict[str, Any], int, str, tuple[str, ...]]] = {
-    "roberta-base": (
-        "RobertaConfig",
-        "RobertaForSequenceClassification",
-        dict(
-            hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, **_ROBERTA
-        ),
-        8,
-        "0.3M",
-        ("classifier",),
-    ),
-    "roberta-large": (
-        "RobertaConfig",
-        "RobertaForSequenceClassification",
-        dict(
-            hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, **_ROBERTA
-        ),
-        8,
-        "0.8M",
-        ("classifier",),
-    ),
-    "deberta-v2-xxlarge": (
-        "DebertaV2Config",
-        "DebertaV2ForSequenceClassification",
-        _DEBERTA_XXL,
-        16,
-        "4.7M",
-        ("classifier", "pooler"),
-    ),
-    "gpt2-medium": (
-        "GPT2Config",
-        "GPT2LMHeadModel",
-        dict(n_embd=1024, n_layer=24, n_head=16),
-        4,
-        "0.35M",
-        (),
-    ),
-}
 QUICK_MODELS = ("roberta-base", "gpt2-medium")
 
 
-def _meta_model(config_cls: str, model_cls: str, keys: dict[str, Any]) -> nn.Module:
-    import transformers
+def _heads(name: str) -> tuple[str, ...]:
+    """The 3-label MNLI head lorakit trains beside the adapter (none for GPT-2's LM head)."""
+    from lorakit.lora.presets import seq_cls_heads
 
-    config = getattr(transformers, config_cls)(**keys)
-    with torch.device("meta"):
-        return getattr(transformers, model_cls)(config)
+    model_type = PAPER_MODELS[name][0]
+    return () if model_type == "gpt2" else tuple(seq_cls_heads(model_type))
 
 
 def _materialize(model: nn.Module, names: list[str]) -> None:
@@ -100,18 +47,15 @@ def _saved_bytes(model: nn.Module, config: Any, task_type: str) -> int:
 
 def adapter_size(name: str) -> dict[str, Any]:
     """LoRA and head parameter counts, adapter bytes on disk (with and without the task head) and the
-    fp32 model's size, for one of ``MODELS``."""
-    from lorakit.lora import LoraConfig, count_parameters, inject_lora, mark_trainable
+    fp32 model's size, for one of the paper's models (``PAPER_MODELS``)."""
+    from lorakit.lora import LoraConfig, inject_lora, mark_trainable
     from lorakit.lora.inject import adapter_parameter_names
 
-    config_cls, model_cls, keys, r, paper, heads = MODELS[name]
-    model = _meta_model(config_cls, model_cls, keys)
-    seen: set[int] = set()
-    model_params = 0
-    for p in model.parameters():  # tied weights (GPT-2's embedding and LM head) once
-        if id(p) not in seen:
-            seen.add(id(p))
-            model_params += p.numel()
+    r, paper = PAPER_LORA[name]
+    heads = _heads(name)
+    with torch.device("meta"):
+        model = paper_model(name, num_labels=3)
+    model_params = count_parameters(model).total  # tied weights (GPT-2's embedding and LM head) once
     config = LoraConfig(r=r, alpha=2.0 * r, modules_to_save=heads)  # targets: the paper's, by model type
     inject_lora(model, config)
     mark_trainable(model, "none", heads)
@@ -140,5 +84,5 @@ def adapter_size(name: str) -> dict[str, Any]:
 
 def adapter_size_section(quick: bool) -> dict[str, Any]:
     """Sizes for all the paper's models (quick: RoBERTa-base and GPT-2 medium)."""
-    names = QUICK_MODELS if quick else tuple(MODELS)
+    names = QUICK_MODELS if quick else tuple(PAPER_MODELS)
     return {"models": [adapter_size(n) for n in names]}

@@ -25,15 +25,15 @@ from bench_common import (
     current_rss_bytes,
     difference_stats,
     interleave,
-    paired,
     peak_rss_bytes,
     ratio_stats,
     setup_torch,
     summarize,
     timed,
-    trainable_count,
 )
 from torch import nn
+
+from lorakit.lora import count_parameters
 
 LR, WEIGHT_DECAY = 1e-4, 0.01  # the values do not change the cost of a step
 WARMUP_ROWS = 2  # a small first step: creates AdamW's state and the kernels' caches, cheaply
@@ -77,7 +77,13 @@ def _step_worker(conn: Connection, job: dict[str, Any]) -> None:
     kind = "generation" if shape.family == "gpt2" else "classification"
     batch = make_batch(shape, job["rows"], job["seq"], device)
     warm = {k: v[:WARMUP_ROWS] for k, v in batch.items()}
-    conn.send({"trainable": trainable_count(model), "rss_start": rss_start, "rss_built": current_rss_bytes()})
+    conn.send(
+        {
+            "trainable": count_parameters(model).trainable,
+            "rss_start": rss_start,
+            "rss_built": current_rss_bytes(),
+        }
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     while True:
@@ -172,34 +178,6 @@ def train_step_benchmark(
         for a, b in (("lorakit", "peft"), ("lorakit", "full"), ("peft", "full"))
     }
     return result
-
-
-def paired_step_benchmark(shape_name: str, rows: int, seq: int, pairs: int, r: int = 8) -> dict[str, Any]:
-    """lorakit LoRA against PEFT LoRA in one process: two copies of one model, steps in pairs.
-
-    Separate processes give each contender its own memory figure, but also their own memory layout, and
-    on a shared machine the speed of the cores drifts by tens of percent over seconds. Here both models
-    live in one process and every pair runs one lorakit step and one PEFT step back to back (the order
-    alternating), so a drift falls on both halves of a pair; the figure is the median of the pairs'
-    ratios, with a bootstrap 95% interval.
-    """
-    from lorakit.training.optimization import build_optimizer
-
-    device = setup_torch()
-    shape = SHAPES[shape_name]
-    base = build_base(shape).to(device)
-    kind = "generation" if shape.family == "gpt2" else "classification"
-    batch = make_batch(shape, rows, seq, device)
-    runs = {}
-    for name in ("lorakit", "peft"):
-        model = apply_contender(copy.deepcopy(base), shape, name, r, 2.0 * r).train()
-        optimizer = build_optimizer(model, LR, WEIGHT_DECAY)
-        runs[name] = lambda m=model, o=optimizer: timed(lambda: _train_step(m, o, batch, kind), device)
-    del base
-    for run in runs.values():  # one untimed step each: AdamW's state, kernel caches
-        run()
-    times = paired(runs["lorakit"], runs["peft"], pairs)
-    return {"model": shape_name, "batch": rows, "seq": seq, "r": r, **times}
 
 
 class _Holder(nn.Module):

@@ -25,16 +25,13 @@ METHODS = ("lora", "full")
 
 
 def _model(method: str, device: str) -> torch.nn.Module:
-    from transformers import RobertaConfig, RobertaForSequenceClassification
-
     from lorakit.models import apply_lora
+    from lorakit.paper_models import paper_model
     from lorakit.recipe import recipe_from_dict
     from lorakit.tasks import get_task
 
     torch.manual_seed(0)
-    # RobertaConfig's defaults are roberta-base's shape; three labels as for MNLI.
-    config = RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, num_labels=3)
-    model = RobertaForSequenceClassification(config).to(device)
+    model = paper_model("roberta-base", num_labels=3).to(device)  # three labels, as for MNLI
     if method == "lora":  # the paper's RoBERTa-base setting: r = 8 on query and value, the head trains
         apply_lora(
             recipe_from_dict({"task": {"name": "mnli"}, "lora": {"r": 8, "alpha": 16}}),
@@ -55,6 +52,7 @@ def run_method(
     method: str, device: str, steps: int, batch: int, seq_len: int, precision: str
 ) -> dict[str, Any]:
     """Train ``steps`` timed steps (after untimed warm-up ones) and measure samples/s and peak memory."""
+    from lorakit.lora import count_parameters
     from lorakit.training.optimization import build_optimizer, float32_trainables, task_loss
 
     model = _model(method, device)
@@ -82,7 +80,7 @@ def run_method(
         peak, kind = torch.cuda.max_memory_allocated(), "cuda_max_allocated"
     else:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    counts = count_parameters(model)
     return {
         "method": method,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -90,8 +88,8 @@ def run_method(
         "batch": batch,
         "seq_len": seq_len,
         "steps": steps,
-        "trainable_parameters": trainable,
-        "total_parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": counts.trainable,
+        "total_parameters": counts.total,
         "samples_per_second": steps * batch / elapsed,
         "peak_memory_bytes": int(peak),
         "peak_memory_kind": kind,
