@@ -180,12 +180,14 @@ def mixed_batches(
 
 
 def memory_probe(mode: str, shape: str, dirs: list[str]) -> dict[str, Any]:
-    """In a fresh process: resident memory of one base with every adapter of ``dirs`` ("one-base"), or of
-    one merged model per adapter ("merged"), over the process's memory before any model."""
+    """In a fresh process, resident memory over the process's own before any model: after building the
+    base model (``model_rss_bytes``), then with every adapter of ``dirs`` loaded beside it ("one-base"),
+    or with one merged model per adapter ("merged")."""
     from lorakit.lora import adapter_bytes, adapter_names, load_named_adapter
 
     before = current_rss_bytes()
     base = build_base(SHAPES[shape])
+    model_rss = current_rss_bytes() - before
     model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     if mode == "one-base":
         for k, path in enumerate(dirs):
@@ -199,6 +201,7 @@ def memory_probe(mode: str, shape: str, dirs: list[str]) -> dict[str, Any]:
     return {
         "mode": mode,
         "rss_bytes": current_rss_bytes() - before,
+        "model_rss_bytes": model_rss,
         "model_bytes": model_bytes,
         "adapter_bytes": own,
         "models": len(held),
@@ -206,14 +209,15 @@ def memory_probe(mode: str, shape: str, dirs: list[str]) -> dict[str, Any]:
 
 
 def memory(shape: str, dirs: list[Path]) -> dict[str, Any]:
-    """``memory_probe`` in fresh processes, one for each mode."""
+    """``memory_probe`` in fresh processes, one for each mode. The bound: one model, as resident in its
+    own process, plus the adapters' own bytes, plus 5%."""
     out = {}
     for mode in ("one-base", "merged"):
         args = [sys.executable, __file__, "--memory", mode, shape, *map(str, dirs)]
         done = subprocess.run(args, capture_output=True, text=True, check=True, cwd=Path(__file__).parent)
         out[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     one = out["one-base"]
-    bound = 1.05 * (one["model_bytes"] + one["adapter_bytes"])
+    bound = 1.05 * (one["model_rss_bytes"] + one["adapter_bytes"])
     return {**out, "bound_bytes": bound, "one_base_over_bound": one["rss_bytes"] / bound}
 
 

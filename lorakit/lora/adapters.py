@@ -28,6 +28,7 @@ from lorakit.lora.inject import (
     LORA_LAYER_TYPES,
     activated,
     active_adapter,
+    adapter_layers,
     adapter_names,
     inject_lora,
     is_lora_parameter,
@@ -35,6 +36,7 @@ from lorakit.lora.inject import (
     saved_module_names,
     set_active_adapter,
     set_submodule,
+    unknown_adapter,
 )
 from lorakit.lora.layers import SharedInputError
 
@@ -100,7 +102,7 @@ def load_named_adapter(model: nn.Module, adapter_dir: str | Path, name: str) -> 
 
 
 def _adapter_parameters(model: nn.Module, name: str) -> Iterator[nn.Parameter]:
-    for module in model.modules():
+    for module in adapter_layers(model):
         if isinstance(module, LORA_LAYER_TYPES) and name in module.lora_adapters:
             yield from module.lora_adapters[name].parameters()
         elif isinstance(module, SavedModules) and name in module.copies:
@@ -115,11 +117,10 @@ def adapter_bytes(model: nn.Module, name: str) -> int:
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name``: its LoRA pairs and head copies are dropped and their memory freed (once
     nothing else refers to them). Deleting the active adapter leaves the bare base model active."""
-    if name not in adapter_names(model):
-        raise KeyError(
-            f"no adapter {name!r} on the model (it holds: {', '.join(adapter_names(model)) or 'none'})"
-        )
-    for module in model.modules():
+    layers = adapter_layers(model)
+    if name not in adapter_names(model, layers):
+        raise unknown_adapter(model, [name])
+    for module in layers:
         if isinstance(module, LORA_LAYER_TYPES):
             module.delete_adapter(name)
         elif isinstance(module, SavedModules):
@@ -133,18 +134,17 @@ def mixed_batch(model: nn.Module, row_adapters: Sequence[str | None]) -> Iterato
     and adds each adapter's update to that adapter's rows only; each saved module runs every group
     through its own copy. Yields a dict that the pass fills with each adapter's output width (its head's
     label count): rows of narrower heads are padded with NaN to the widest."""
-    known = set(adapter_names(model))
+    modules = adapter_layers(model)
+    known = set(adapter_names(model, modules))
     unknown = sorted({str(n) for n in row_adapters if n is not None and n not in known})
     if unknown:
-        raise KeyError(
-            f"no adapter {', '.join(map(repr, unknown))} on the model (it holds: {', '.join(known)})"
-        )
+        raise unknown_adapter(model, unknown)
     device = next(model.parameters()).device
-    names = list(dict.fromkeys(row_adapters))
-    index = {n: [i for i, r in enumerate(row_adapters) if r == n] for n in names}
+    index: dict[str | None, list[int]] = {}
+    for i, name in enumerate(row_adapters):
+        index.setdefault(name, []).append(i)
     routing = [(n, torch.tensor(rows, dtype=torch.long, device=device)) for n, rows in index.items()]
     widths: dict[str | None, int] = {}
-    modules = [m for m in model.modules() if isinstance(m, (*LORA_LAYER_TYPES, SavedModules))]
     for module in modules:
         module.routing = routing
         if isinstance(module, SavedModules):

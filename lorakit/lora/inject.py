@@ -266,14 +266,27 @@ def count_parameters(model: nn.Module) -> ParameterCounts:
     return ParameterCounts(total=total, trainable=trainable, lora=lora)
 
 
-def adapter_names(model: nn.Module) -> list[str]:
-    """Names of the adapters the model holds (LoRA pairs or head copies), first added first."""
+def adapter_layers(model: nn.Module) -> list[nn.Module]:
+    """Every LoRA wrapper and saved-module wrapper of the model: the modules that hold adapters. The walk
+    does not descend into them, so its cost does not grow with the number of adapters they hold."""
+    found, stack = [], [model]
+    while stack:
+        module = stack.pop()
+        if isinstance(module, (*LORA_LAYER_TYPES, SavedModules)):
+            found.append(module)
+        else:
+            stack.extend(m for m in reversed(module._modules.values()) if m is not None)
+    return found
+
+
+def adapter_names(model: nn.Module, layers: Sequence[nn.Module] | None = None) -> list[str]:
+    """Names of the adapters the model holds (LoRA pairs or head copies), in the order first met.
+    ``layers``: ``adapter_layers(model)``, when the caller has it already."""
     names: dict[str, None] = {}
-    for module in model.modules():
-        if isinstance(module, LORA_LAYER_TYPES):
-            names.update(dict.fromkeys(module.lora_adapters))
-        elif isinstance(module, SavedModules):
-            names.update(dict.fromkeys(module.copies))
+    for module in adapter_layers(model) if layers is None else layers:
+        names.update(
+            dict.fromkeys(module.copies if isinstance(module, SavedModules) else module.lora_adapters)
+        )
     return list(names)
 
 
@@ -285,20 +298,18 @@ def unknown_adapter(model: nn.Module, names: Sequence[str]) -> KeyError:
 
 def active_adapter(model: nn.Module) -> str | None:
     """The adapter plain forward passes apply (None: the bare base model)."""
-    for module in model.modules():
-        if isinstance(module, (*LORA_LAYER_TYPES, SavedModules)):
-            return module.active_adapter
-    return None
+    layers = adapter_layers(model)
+    return layers[0].active_adapter if layers else None
 
 
 def set_active_adapter(model: nn.Module, name: str | None) -> None:
     """Make adapter ``name`` (None: none, the bare base model) the one every LoRA layer and saved module
     applies. A pointer switch on each layer: no weight is copied."""
-    if name is not None and name not in adapter_names(model):
+    layers = adapter_layers(model)
+    if name is not None and name not in adapter_names(model, layers):
         raise unknown_adapter(model, [name])
-    for module in model.modules():
-        if isinstance(module, (*LORA_LAYER_TYPES, SavedModules)):
-            module.set_active(name)
+    for module in layers:
+        module.set_active(name)
 
 
 @contextlib.contextmanager
