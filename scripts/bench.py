@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("sizes", "speed", "inference", "quality")
+SECTIONS = ("sizes", "speed", "inference", "adapters", "quality")
 OPTIONAL_SECTIONS = ("lr-sweep",)
 
 
@@ -32,6 +32,7 @@ def _plan(quick: bool) -> dict:
             "layers": [("roberta-small", 8, 64, 20), ("gpt2-small4", 4, 64, 20)],
             "inference": ("roberta-small", (1, 32), 128, (5, 2)),
             "inference_layers": [("roberta-small", rows, 64, 10, 8, False) for rows in (1, 32)],
+            "adapters": ("roberta-small", 16, 16, (1, 4, 16), 2),
             "quality": [sst2],
             "seeds": (0, 1),
             "lr_sweep": [(sst2, 200)],
@@ -59,6 +60,8 @@ def _plan(quick: bool) -> dict:
             for model in ("roberta-base", "gpt2-medium")
             for rows in (1, 32)
         ],
+        # 64 rows of 32 tokens (SST-2 sentences are about 25): 1, 4 and 16 adapters in one batch.
+        "adapters": ("roberta-base", 64, 32, (1, 4, 16), 5),
         "quality": quality,
         "seeds": (0, 1, 2),
         "lr_sweep": [(plan, heldout[plan.name]) for plan in quality],
@@ -79,6 +82,7 @@ def _lrs(out: Path) -> dict[str, dict[str, float]]:
 
 def run_section(name: str, quick: bool, out: Path, data_root: Path) -> dict:
     """Run one section and return what goes into its JSON."""
+    import bench_adapters
     import bench_quality
     import bench_sizes
     import bench_speed
@@ -96,6 +100,8 @@ def run_section(name: str, quick: bool, out: Path, data_root: Path) -> dict:
             **bench_speed.inference_benchmark(*plan["inference"]),
             "layers": [bench_speed.layer_benchmark(*spec) for spec in plan["inference_layers"]],
         }
+    if name == "adapters":
+        return bench_adapters.adapters_section(*plan["adapters"])
     if name == "quality":
         return bench_quality.quality_section(plan["quality"], data_root, _lrs(out), plan["seeds"])
     if name == "lr-sweep":

@@ -19,7 +19,9 @@ rounds whose orders balance who runs first and after whom, and a ratio (or diffe
 round, then the median over rounds; the bootstrap 95% interval over rounds is in brackets. Training steps
 run in one process per contender, so that each peak memory (peak RSS on the CPU) is its own. "One adapted
 layer" times the first attention block's adapted projection alone, where the two LoRA implementations
-differ. Quality fine-tunes the real pretrained MiniLM-L6 (BERT) on real GLUE rows: lorakit LoRA and full
+differ. "Many adapters" loads 16 adapters onto one model (lorakit by name, PEFT with `load_adapter`) and
+times mixed-task batches against one adapter, PEFT's `adapter_names=` batch and one merged model per task.
+Quality fine-tunes the real pretrained MiniLM-L6 (BERT) on real GLUE rows: lorakit LoRA and full
 fine-tuning run `lorakit.training.train` on a recipe (what `lorakit train` runs; the score is the run's
 final dev evaluation in metrics.json), PEFT runs the Hugging Face Trainer on the same rows, tokenization,
 batch, epochs, learning rate, schedule, warmup, weight decay, clipping and head modules. The machine is a
@@ -121,6 +123,8 @@ def targets(sections: dict[str, Any]) -> list[tuple[str, str, bool]]:
         diff = m["rounds"]["lorakit_minus_peft"]
         name = f"{m['model']} {m['module']}, {m['tokens']:,} tokens, {m['mode']}: LoRA overhead − PEFT's ≤ 0"
         rows.append((name, _ci(diff, "diff"), diff["median_s"] <= 0))
+    if "adapters" in sections:
+        rows += adapter_targets(sections["adapters"]["result"])
     if "quality" in sections:
         for task in sections["quality"]["result"]["tasks"]:
             gaps = seed_gaps(task)
@@ -130,6 +134,78 @@ def targets(sections: dict[str, Any]) -> list[tuple[str, str, bool]]:
                 (f"{task['task']}: LoRA − full ≥ −2.0 points", f"{median:+.1f} ({per_seed})", median >= -2.0)
             )
     return rows
+
+
+def adapter_targets(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """The many-adapters targets: 16 adapters in one batch within 1.15× one adapter's time, no slower than
+    PEFT's mixed batch, and one base with 16 adapters within one model's memory plus the adapters', + 5%."""
+    rows, where = [], f"{r['model']}, {r['mixed'][0]['rows']} rows × {r['mixed'][0]['seq']}"
+    for m in r["mixed"]:
+        one, peft, k = m["mixed_vs_one"], m["mixed_vs_peft"], m["adapters"]
+        if k == 16:
+            rows.append((f"{where}: 16 adapters ≤ 1.15× one adapter", _ci(one), one["ratio_median"] <= 1.15))
+        if k > 1:
+            label = f"{where}: {k} adapters ≤ 1.00× PEFT's adapter_names= batch"
+            rows.append((label, _ci(peft), peft["ratio_median"] <= 1.0))
+    mem, one = r["memory"], r["memory"]["one-base"]
+    measured = f"{_mib(one['rss_bytes'])} vs {_mib(mem['bound_bytes'])}: {mem['one_base_over_bound']:.3f}×"
+    label = f"{r['model']} + 16 adapters: memory ≤ 1.05 × (one model + the adapters' bytes)"
+    return [*rows, (label, measured, mem["one_base_over_bound"] <= 1.0)]
+
+
+def _adapters(data: dict[str, Any]) -> list[str]:
+    r, keys = data["result"], ("one", "mixed", "peft", "merged")
+    lines = _header(f"Many adapters on one base: {r['model']}, r = {r['r']}", data)
+    rows = [
+        [m["adapters"], f"{m['rows']} × {m['seq']}", *(_ms(m["times"][k]["median_s"]) for k in keys)]
+        + [
+            *(_ci(m[f"mixed_vs_{k}"]) for k in ("one", "merged", "peft")),
+            f"{m['max_abs_diff_vs_merged']:.1e}",
+        ]
+        for m in r["mixed"]
+    ]
+    head = ["adapters", "batch", "one adapter", "lorakit mixed", "PEFT mixed", "merged models", "mixed / one"]
+    lines += _table([*head, "mixed / merged", "mixed / PEFT", "max |Δ| vs merged"], rows)
+    sw, us, load = r["switching"], r["switching"]["switch_us"], r["switching"]["load_s"]
+    ops = [
+        ["switch the active adapter", *(f"{us[k]['median_s'] * 1e6:,.0f} µs" for k in NAMES if k in us)],
+        ["load one more adapter", *(_ms(load[k]["median_s"]) for k in NAMES if k in load)],
+    ]
+    ops = [[*op, _ci(sw[key])] for op, key in zip(ops, ("switch_ratio", "load_ratio"), strict=True)]
+    lines += _table(["with 16 adapters loaded", "lorakit", "PEFT", "lorakit / PEFT [95%]"], ops)
+    one, merged = r["memory"]["one-base"], r["memory"]["merged"]
+    return lines + [
+        f"Memory, each in a fresh process (resident set over the process's own before any model): one base "
+        f"with 16 adapters {_mib(one['rss_bytes'])} (the base alone {_mib(one['model_rss_bytes'])}, its "
+        f"parameters {_mib(one['model_bytes'])}; the adapters' own tensors {_mib(one['adapter_bytes'])}); 16 "
+        f"merged models {_mib(merged['rss_bytes'])}. Each adapter saves the classifier's output projection "
+        "(PEFT mixes only saved modules that are Linear, Embedding or Conv layers); row i belongs to adapter "
+        "i mod K; merged models: each adapter's rows through its own merged copy, in turn.",
+        "",
+    ]
+
+
+def _many_tasks(data: dict[str, Any]) -> list[str]:
+    rows = [
+        [t["task"], t["dev_rows"], t["metric"], f"{t['eval_alone']:.2f}", f"{t['predict_mixed']:.2f}"]
+        + [
+            f"max |Δ| {t['max_abs_difference']:.1e}"
+            if t["same_predictions"] is None
+            else t["same_predictions"]
+        ]
+        for t in data["tasks"]
+    ]
+    head = ["task", "dev rows", "metric", "`lorakit eval` alone", "one mixed `lorakit predict`", "same rows"]
+    return [
+        "## Many tasks on one base, for real (`python scripts/many_tasks.py`)",
+        "",
+        *_table(head, rows),
+    ] + [
+        "The real MiniLM-L6 with adapters trained by `lorakit train` (configs/demo.yaml with each task's "
+        f"rows and swept learning rate); one `lorakit predict` over all {data['rows']:,} dev rows, shuffled "
+        f"together, took {data['seconds']['predict (mixed)']:.0f} s as a whole process.",
+        "",
+    ]
 
 
 def _speed(data: dict[str, Any], out: Path) -> list[str]:
@@ -293,11 +369,11 @@ def _history(sweep: dict[str, Any] | None, variants: dict[str, Any] | None) -> l
 
 def render(out: Path) -> Path:
     """Write ``out/RESULTS.md`` (and PNGs) from the section JSON files in ``out``; returns its path."""
-    names = ("sizes", "speed", "inference", "quality", "lr-sweep", "lora-variants")
+    names = ("sizes", "speed", "inference", "adapters", "quality", "lr-sweep", "lora-variants")
     sections = {n: d for n in names if (d := read_json(out / f"{n}.json"))}
     quick = any(d.get("quick") for d in sections.values())
     lines = ["# lorakit benchmarks", "", METHOD + (" **Quick run.**" if quick else ""), ""]
-    measured = [sections[n] for n in ("sizes", "speed", "inference", "quality") if n in sections]
+    measured = [sections[n] for n in ("sizes", "speed", "inference", "adapters", "quality") if n in sections]
     if measured:
         took = " + ".join(f"{d['section']} {d['seconds']:.0f} s" for d in measured)
         lines += [f"This run: {took} = {sum(d['seconds'] for d in measured) / 60:.1f} minutes.", ""]
@@ -316,6 +392,10 @@ def render(out: Path) -> Path:
     lines += _layers(sections)
     if "sizes" in sections:
         lines += _sizes(sections["sizes"])
+    if "adapters" in sections:
+        lines += _adapters(sections["adapters"])
+    if many := read_json(out / "many-tasks.json"):
+        lines += _many_tasks(many)
     if "quality" in sections:
         lines += _quality(sections["quality"], out)
     lines += _history(sections.get("lr-sweep"), sections.get("lora-variants"))
