@@ -315,19 +315,27 @@ def _write_wikisql(
     return questions, headers
 
 
-def test_wikisql_end_to_end(
-    gpt2_dir: Path, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _wikisql_run(
+    gpt2_dir: Path, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], steps: int
+) -> tuple[Path, list[dict], dict[str, list[str]]]:
+    """A WikiSQL run of ``steps`` steps on two real dev questions; the run, the questions, their headers."""
     data = tmp_path / "wikisql"
     data.mkdir()
-    # Two questions: their queries are learnt in 40 steps (four take over 60).
     questions, headers = _write_wikisql(data, shared_data, n=2)
     run = tmp_path / "run"
     recipe = _write_recipe(
-        tmp_path / "wikisql.yaml", gpt2_dir, "wikisql", data, run, max_steps=40, eval_every=40
+        tmp_path / "wikisql.yaml", gpt2_dir, "wikisql", data, run, max_steps=steps, eval_every=steps
     )
     code, _, err = _run(["train", str(recipe)], capsys)
     assert code == 0, err
+    return run, questions, headers
+
+
+def test_wikisql_end_to_end(
+    gpt2_dir: Path, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Two questions: their queries are learnt in 40 steps (four take over 60).
+    run, questions, headers = _wikisql_run(gpt2_dir, shared_data, tmp_path, capsys, steps=40)
     final = json.loads((run / "metrics.json").read_text())["final"]
     assert set(final) >= {"logical_form_accuracy", "execution_accuracy", "parse_rate"}
     assert final["logical_form_accuracy"] == 100.0 and final["execution_accuracy"] == 100.0, final
@@ -343,15 +351,7 @@ def test_wikisql_end_to_end(
 def test_predict_serves_an_e2e_and_a_wikisql_adapter_on_one_gpt2(
     e2e_run: dict, gpt2_dir: Path, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    data = tmp_path / "wikisql"
-    data.mkdir()
-    questions, headers = _write_wikisql(data, shared_data, n=2)
-    run = tmp_path / "wikisql-run"
-    recipe = _write_recipe(
-        tmp_path / "wikisql.yaml", gpt2_dir, "wikisql", data, run, max_steps=4, eval_every=4
-    )
-    code, _, err = _run(["train", str(recipe)], capsys)
-    assert code == 0, err
+    run, questions, headers = _wikisql_run(gpt2_dir, shared_data, tmp_path, capsys, steps=4)
     sql_inputs = [
         json.dumps({"question": q["question"], "header": headers[q["table_id"]]}) for q in questions
     ]
