@@ -52,6 +52,7 @@ def predict_file(
     ``specs``; writes one JSON line per row, in input order, to ``output`` (written aside and renamed:
     nothing half-written) or standard output. Returns the number of rows. Every adapter, the one-base
     check and every row are checked before the model loads."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from lorakit.runs import atomic_write_text
@@ -64,8 +65,6 @@ def predict_file(
     check_prompts(sources, rows)
     predictor = Predictor(list(sources.values()), base)
     columns = (TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    from rich.console import Console
-
     # On stderr, and only for long inputs: standard output may be the results themselves.
     with Progress(*columns, console=Console(stderr=True), disable=len(rows) < 4 * batch_size) as bar:
         task = bar.add_task("predict", total=len(rows))
