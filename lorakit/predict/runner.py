@@ -62,7 +62,7 @@ class Predictor:
 
         if source.name in self.sources:
             raise UserError(f"an adapter named {source.name!r} is loaded already", source.where)
-        check_one_base([*self.sources.values(), source] if self.sources else [source], self.base)
+        check_one_base([source], self.base)  # the others were checked against this base already
         if (source.kind == "generation") != self.generation:
             raise UserError("generation and classification adapters need different model heads", source.where)
         try:
