@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from lorakit.errors import UserError
 
@@ -229,6 +230,45 @@ def predict(
         Console(stderr=True).print(f"{count} rows predicted into {output}")
 
 
+@app.command()
+def serve(
+    adapter: Annotated[
+        list[str],
+        typer.Option(
+            "--adapter", help="NAME=RUN_DIR: a lorakit run or a PEFT adapter directory (repeatable)."
+        ),
+    ],
+    base: Annotated[
+        str | None, typer.Option("--base", help="The base model (for PEFT directories without a recipe).")
+    ] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
+    max_batch_size: Annotated[
+        int, typer.Option("--max-batch-size", help="Most rows in one mixed-task forward pass.")
+    ] = 64,
+    max_wait_ms: Annotated[
+        float, typer.Option("--max-wait-ms", help="Longest a request waits for others to share its batch.")
+    ] = 5.0,
+    max_inputs: Annotated[
+        int, typer.Option("--max-inputs", help="Most inputs in one request (more: 413).")
+    ] = 1024,
+    merged: Annotated[
+        bool,
+        typer.Option("--merged", help="One merged base copy per adapter (more memory, no LoRA per row)."),
+    ] = False,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+    summary_every: Annotated[
+        float, typer.Option("--summary-every", help="Seconds between summary lines (rows/s, waits).")
+    ] = 60.0,
+) -> None:
+    """Serve many adapters on one base model over HTTP (OpenAPI page at /docs) until SIGINT/SIGTERM."""
+    from lorakit.serve import serve as run_server
+
+    run_server(
+        adapter, base, host, port, max_batch_size, max_wait_ms, max_inputs, merged, log_level, summary_every
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the Typer app and turns errors into one line and an exit status."""
     err = Console(stderr=True)
@@ -241,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         # Outside standalone mode Typer returns the exit status of an interrupted or exited command.
         status = app(args=argv, standalone_mode=False)
     except UserError as exc:
-        err.print(f"[red]lorakit: error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[red]lorakit: error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err.print("lorakit: interrupted")
@@ -253,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
             return exc.exit_code
         if os.environ.get("LORAKIT_DEBUG"):
             traceback.print_exc()
-        err.print(f"[red]lorakit: failed:[/red] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
+        message = escape(f"{type(exc).__name__}: {exc}")  # a message's [brackets] are not markup
+        err.print(f"[red]lorakit: failed:[/red] {message}", highlight=False, soft_wrap=True)
         return 1
     return status if isinstance(status, int) else 0
 

@@ -132,6 +132,55 @@ def save_tiny_roberta(out: Path, shared_data: Path, **overrides) -> Path:
     return out
 
 
+def train_glue_run(
+    out: Path, base: Path, task: str, data_dir: Path, lora: dict, eval_rows: int = 20, steps: int = 4
+) -> Path:
+    """A real ``lorakit train`` run on ``base`` (a few steps on 32 real GLUE rows) into ``out``."""
+    import yaml
+
+    from lorakit.cli import main
+
+    recipe = {
+        "model": {"name_or_path": str(base)},
+        "task": {
+            "name": task,
+            "data_dir": str(data_dir),
+            "max_length": 48,
+            "max_train_samples": 32,
+            "max_eval_samples": eval_rows,
+        },
+        "lora": lora,
+        "train": {"max_steps": steps, "batch_size": 8, "eval_batch_size": 8, "lr": 5e-3, "eval_every": steps},
+        "output_dir": str(out),
+    }
+    path = out.with_name(f"{out.name}.yaml")
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path)]) == 0
+    return out
+
+
+def peft_three_label_adapter(out: Path, base: Path) -> Path:
+    """A PEFT LoRA adapter (3 labels, q/v r=4, B random so that it changes outputs) on ``base``, saved by
+    PEFT itself into ``out``."""
+    import peft
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(3)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base, num_labels=3, ignore_mismatched_sizes=True
+    )
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"]
+    )
+    wrapped = peft.get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    wrapped.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_roberta_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
     """A tiny RoBERTa checkpoint on disk with the real roberta-base tokenizer beside it."""

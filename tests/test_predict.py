@@ -12,7 +12,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-import yaml
+from conftest import peft_three_label_adapter, train_glue_run
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lorakit.cli import main
@@ -29,41 +29,9 @@ SETUPS = {  # task, data folder, LoRA section
 
 def _train(root: Path, base: Path, name: str, shared_data: Path) -> Path:
     task, folder, lora = SETUPS[name]
-    recipe = {
-        "model": {"name_or_path": str(base)},
-        "task": {
-            "name": task,
-            "data_dir": str(shared_data / "glue" / folder),
-            "max_length": 48,
-            "max_train_samples": 32,
-            "max_eval_samples": EVAL_ROWS,
-        },
-        "lora": lora,
-        "train": {"max_steps": 4, "batch_size": 8, "eval_batch_size": 8, "lr": 5e-3, "eval_every": 4},
-        "output_dir": str(root / name),
-    }
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    assert main(["train", str(path)]) == 0
-    assert main(["eval", str(root / name)]) == 0
-    return root / name
-
-
-def _peft_adapter(root: Path, base: Path) -> Path:
-    torch.manual_seed(3)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base, num_labels=3, ignore_mismatched_sizes=True
-    )
-    config = peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"]
-    )
-    wrapped = peft.get_peft_model(model, config)
-    with torch.no_grad():
-        for name, p in wrapped.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.1)
-    wrapped.save_pretrained(root / "peft3")
-    return root / "peft3"
+    run = train_glue_run(root / name, base, task, shared_data / "glue" / folder, lora, EVAL_ROWS)
+    assert main(["eval", str(run)]) == 0
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +51,12 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_roberta_dir: Path, sha
     for name, (task_name, folder, _) in SETUPS.items():
         task = get_task(task_name, str(shared_data / "glue" / folder))
         rows[name] = subsample(task.load("validation"), EVAL_ROWS, 0)  # what eval scored, in its order
-    return {"root": root, "runs": runs, "rows": rows, "peft": _peft_adapter(root, tiny_roberta_dir)}
+    return {
+        "root": root,
+        "runs": runs,
+        "rows": rows,
+        "peft": peft_three_label_adapter(root / "peft3", tiny_roberta_dir),
+    }
 
 
 def _inputs(served: dict) -> list[dict]:

@@ -1,7 +1,8 @@
 """``lorakit predict``: many adapters on one base model, rows in, mixed-task batches, rows out.
 
 ``sources``: what each ``--adapter NAME=DIR`` serves, and the one-base check; ``inputs``: the JSONL rows;
-``runner``: the ``Predictor`` (one base, many adapters) that ``lorakit serve`` reuses.
+``runner``: the ``Predictor`` (one base, many adapters) that ``lorakit serve`` reuses; ``merged``: one merged
+base copy per adapter, the way to serve many tasks without a shared base (``lorakit serve --merged``).
 """
 
 from __future__ import annotations
@@ -13,18 +14,22 @@ from pathlib import Path
 
 from lorakit.errors import UserError
 from lorakit.predict.inputs import Row, parse_row, read_rows
+from lorakit.predict.merged import MergedPredictor
 from lorakit.predict.runner import Output, Predictor, check_prompts
 from lorakit.predict.sources import AdapterSource, check_one_base, read_source
 
 __all__ = [
     "AdapterSource",
+    "MergedPredictor",
     "Output",
     "Predictor",
     "Row",
     "check_one_base",
+    "check_prompts",
     "parse_row",
     "predict_file",
     "read_rows",
+    "read_source",
     "read_sources",
 ]
 

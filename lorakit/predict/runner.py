@@ -1,6 +1,8 @@
 """One base model serving many adapters: rows in, one output row each, in input order.
 
-``Predictor`` loads the base once and every adapter beside it by name (``lorakit.lora.adapters``).
+``Predictor`` loads the base once and every adapter beside it by name (``lorakit.lora.adapters``); with
+``merge=True`` it holds one adapter merged into the base weights (``lorakit serve --merged`` keeps one such
+copy per adapter, in ``lorakit.predict.merged``).
 Classification and regression rows run as mixed-task batches, rows of all adapters together, sorted by
 length so that little of each batch is padding; each row comes back cut to its own head's width.
 Generation rows run per adapter, through ``lorakit generate``'s own decoding. ``lorakit serve`` keeps a
@@ -9,7 +11,8 @@ Generation rows run per adapter, through ``lorakit generate``'s own decoding. ``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -34,15 +37,23 @@ def _base_recipe(sources: Sequence[AdapterSource], base: str) -> Any:
 
 
 class Predictor:
-    """The base model with every adapter of ``sources`` loaded beside it, ready to predict rows."""
+    """The base model with every adapter of ``sources`` loaded beside it, ready to predict rows.
 
-    def __init__(self, sources: Sequence[AdapterSource], base: str | None = None) -> None:
+    With ``merge=True`` the one adapter of ``sources`` is merged into the base weights (W0 + BA): plain
+    layers at inference, and no more adapters can be added.
+    """
+
+    def __init__(
+        self, sources: Sequence[AdapterSource], base: str | None = None, merge: bool = False
+    ) -> None:
         from accelerate import Accelerator
 
         from lorakit.models import HeadSpec, build_model, load_tokenizer
 
         if not sources:
             raise UserError("name at least one adapter", where="--adapter")
+        if merge and len(sources) > 1:
+            raise ValueError("a merged predictor holds exactly one adapter")
         self.base = check_one_base(list(sources), base)
         self.recipe = _base_recipe(sources, self.base)
         first = sources[0]
@@ -53,32 +64,56 @@ class Predictor:
         model = build_model(self.recipe, head)
         self.model = self.accelerator.prepare(model.eval())
         self.sources: dict[str, AdapterSource] = {}
+        self.info: dict[str, dict[str, Any]] = {}
+        self.merged = False
         for source in sources:
             self.add(source)
+        if merge:
+            from lorakit.lora import unload_lora
+
+            self.model = unload_lora(self.model, merge=True)
+            self.merged = True
 
     def add(self, source: AdapterSource) -> None:
         """Load one more adapter beside the others; UserError when it does not fit this base."""
-        from lorakit.lora import load_named_adapter
+        from lorakit.lora import adapted_modules, adapter_bytes, load_named_adapter
 
+        if self.merged:
+            raise ValueError("a merged predictor holds exactly one adapter")
         if source.name in self.sources:
             raise UserError(f"an adapter named {source.name!r} is loaded already", source.where)
         check_one_base([source], self.base)  # the others were checked against this base already
         if (source.kind == "generation") != self.generation:
             raise UserError("generation and classification adapters need different model heads", source.where)
         try:
-            load_named_adapter(self.model, source.path, source.name)
+            config = load_named_adapter(self.model, source.path, source.name)
         except (ValueError, RuntimeError) as exc:
             raise UserError(
                 f"does not fit the base model: {' '.join(str(exc).split())[:300]}", source.where
             ) from None
         self.sources[source.name] = source
+        adapted = adapted_modules(self.model)[source.name]
+        self.info[source.name] = {
+            "name": source.name,
+            "path": str(source.path),
+            "task": source.recipe.task.name if source.recipe is not None else None,
+            "kind": source.kind,
+            "num_labels": source.num_labels,
+            "rank": config.r,
+            "alpha": config.alpha,
+            "targets": sorted({path.rsplit(".", 1)[-1] for path in adapted}),
+            "bytes": adapter_bytes(self.model, source.name),
+        }
 
     def remove(self, name: str) -> None:
         """Unload adapter ``name`` and free its weights."""
         from lorakit.lora import delete_adapter
 
+        if self.merged:
+            raise ValueError("a merged predictor's adapter is part of its weights")
         delete_adapter(self.model, name)
         del self.sources[name]
+        del self.info[name]
 
     def predict(
         self, rows: Sequence[Row], batch_size: int = 64, advance: Callable[[int], None] | None = None
@@ -134,7 +169,12 @@ class Predictor:
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate([f for _, _, f in chunk]).items()}
-            logits, widths = mixed_logits(self.model, [name for _, name, _ in chunk], **batch)
+            names = [name for _, name, _ in chunk]
+            if self.merged:  # one adapter, in the weights: a plain forward pass
+                logits = self.model(**batch).logits
+                widths = {names[0]: int(logits.shape[-1])}
+            else:
+                logits, widths = mixed_logits(self.model, names, **batch)
             logits = logits.float().cpu()
             for (i, name, _), row in zip(chunk, logits, strict=True):
                 outputs[i] = self._output(name, row[: widths[name]].tolist())
@@ -159,17 +199,24 @@ class Predictor:
             one_line,
             prompt_room,
         )
-        from lorakit.lora import activated
 
         source = self.sources[name]
         prompts = build_prompts([Input(r.text, r.where) for r in rows], source.task_name)
         settings = decoding(source.recipe)
         length = source.max_length or prompt_room(self.model.config, settings.max_new_tokens)
-        with activated(self.model, name):
+        with self._using(name):
             texts = generate_from_prompts(
                 self.model, self.tokenizer, prompts, settings, length, self.accelerator
             )
         return [one_line(t, source.task_name) for t in texts]
+
+    @contextlib.contextmanager
+    def _using(self, name: str) -> Iterator[None]:
+        """Adapter ``name`` active within the block (a merged model has nothing to switch)."""
+        from lorakit.lora import activated
+
+        with contextlib.nullcontext() if self.merged else activated(self.model, name):
+            yield
 
 
 def check_prompts(sources: dict[str, AdapterSource], rows: Sequence[Row]) -> None:

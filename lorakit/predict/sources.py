@@ -74,13 +74,16 @@ def _head_width(weights: Path) -> int | None:
     return None
 
 
-def read_source(spec: str, base: str | None, max_length: int | None) -> AdapterSource:
-    """What ``--adapter NAME=DIR`` serves; UserError (exit 2) for a directory that is not an adapter."""
+def read_source(
+    spec: str, base: str | None, max_length: int | None, where: str | None = None
+) -> AdapterSource:
+    """What ``--adapter NAME=DIR`` serves; UserError (exit 2) for a directory that is not an adapter.
+    ``where`` names the source in errors (default: the option as given)."""
     from lorakit.recipe import load_recipe
     from lorakit.tasks import get_task
 
     name, path = parse_adapter_spec(spec)
-    where = f"--adapter {spec}"
+    where = where or f"--adapter {spec}"
     if not path.is_dir():
         raise UserError("not found (expected a lorakit run directory or a PEFT adapter directory)", where)
     if not (path / WEIGHTS_NAME).is_file() or not (path / CONFIG_NAME).is_file():
