@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("sizes", "speed", "inference", "adapters", "quality")
+SECTIONS = ("sizes", "speed", "inference", "adapters", "serve", "quality")
 OPTIONAL_SECTIONS = ("lr-sweep",)
 
 
@@ -33,6 +33,8 @@ def _plan(quick: bool) -> dict:
             "inference": ("roberta-small", (1, 32), 128, (5, 2)),
             "inference_layers": [("roberta-small", rows, 64, 10, 8, False) for rows in (1, 32)],
             "adapters": ("roberta-small", 16, 16, (1, 4, 16), 2),
+            # serve: training rows, dev rows a task, clients, requests, rows a request, rounds, time limit (s)
+            "serve": (32, 16, 8, 40, 4, 2, 60.0),
             "quality": [sst2],
             "seeds": (0, 1),
             "lr_sweep": [(sst2, 200)],
@@ -62,6 +64,8 @@ def _plan(quick: bool) -> dict:
         ],
         # 64 rows of 32 tokens (SST-2 sentences are about 25): 1, 4 and 16 adapters in one batch.
         "adapters": ("roberta-base", 64, 32, (1, 4, 16), 5),
+        # 16 clients × 4 rows: up to 64 rows waiting, one full batch at the default --max-batch-size.
+        "serve": (300, 64, 16, 300, 4, 5, 120.0),
         "quality": quality,
         "seeds": (0, 1, 2),
         "lr_sweep": [(plan, heldout[plan.name]) for plan in quality],
@@ -84,6 +88,7 @@ def run_section(name: str, quick: bool, out: Path, data_root: Path) -> dict:
     """Run one section and return what goes into its JSON."""
     import bench_adapters
     import bench_quality
+    import bench_serve
     import bench_sizes
     import bench_speed
 
@@ -102,6 +107,8 @@ def run_section(name: str, quick: bool, out: Path, data_root: Path) -> dict:
         }
     if name == "adapters":
         return bench_adapters.adapters_section(*plan["adapters"])
+    if name == "serve":
+        return bench_serve.serve_section(*plan["serve"])
     if name == "quality":
         return bench_quality.quality_section(plan["quality"], data_root, _lrs(out), plan["seeds"])
     if name == "lr-sweep":

@@ -8,7 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from bench_common import read_json
+from bench_format import bars, ci, header, mib, ms, table
 from bench_quality import seed_gaps
+from bench_serve import render as render_serve
+from bench_serve import serve_targets
 
 METHOD = """\
 lorakit's LoRA against PEFT's LoRA (same targets, rank, alpha, head) and against full fine-tuning, measured
@@ -21,6 +24,7 @@ run in one process per contender, so that each peak memory (peak RSS on the CPU)
 layer" times the first attention block's adapted projection alone, where the two LoRA implementations
 differ. "Many adapters" loads 16 adapters onto one model (lorakit by name, PEFT with `load_adapter`) and
 times mixed-task batches against one adapter, PEFT's `adapter_names=` batch and one merged model per task.
+"Serving" load-tests `lorakit serve` processes over loopback (scripts/bench_serve.py says how).
 Quality fine-tunes the real pretrained MiniLM-L6 (BERT) on real GLUE rows: lorakit LoRA and full
 fine-tuning run `lorakit.training.train` on a recipe (what `lorakit train` runs; the score is the run's
 final dev evaluation in metrics.json), PEFT runs the Hugging Face Trainer on the same rows, tokenization,
@@ -41,60 +45,6 @@ INFER = {"base": "base", "lorakit_unmerged": "lorakit unmerged", "lorakit_merged
 INFER |= {"peft_unmerged": "PEFT unmerged"}
 
 
-def _ms(s: float) -> str:
-    return f"{s * 1e3:,.0f} ms" if abs(s) >= 1 else f"{s * 1e3:,.2f} ms"
-
-
-def _mib(n: float) -> str:
-    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
-
-
-def _ci(stats: dict[str, Any], key: str = "ratio") -> str:
-    if key == "ratio":
-        low, high = stats["ratio_ci95"]
-        return f"{stats['ratio_median']:.3f} [{low:.3f}, {high:.3f}]"
-    low, high = stats["ci95_s"]
-    return f"{_ms(stats['median_s'])} [{_ms(low)}, {_ms(high)}]"
-
-
-def _header(title: str, data: dict[str, Any]) -> list[str]:
-    env = data["environment"]
-    load = env.get("load_average")
-    load_txt = f", load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} at start" if load else ""
-    return [
-        f"## {title}",
-        "",
-        f"_{env['date']}, {env['device']}, {env['torch_threads']} threads, torch {env['torch']}, "
-        f"transformers {env['transformers']}, peft {env['peft']}{load_txt}; took {data['seconds']:.0f} s._",
-        "",
-    ]
-
-
-def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return lines + ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows] + [""]
-
-
-def _bars(path: Path, title: str, groups: list[str], series: dict[str, list[float]], ylabel: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 3.4))
-    width = 0.8 / max(len(series), 1)
-    for i, (label, values) in enumerate(series.items()):
-        ax.bar(
-            [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))], values, width, label=label
-        )
-    ax.set_xticks(range(len(groups)), groups)
-    ax.set(ylabel=ylabel, title=title)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def targets(sections: dict[str, Any]) -> list[tuple[str, str, bool]]:
     """Every target as (target, measured, met)."""
     rows: list[tuple[str, str, bool]] = []
@@ -105,8 +55,8 @@ def targets(sections: dict[str, Any]) -> list[tuple[str, str, bool]]:
             where = f"{m['model']} {m['batch']}×{m['seq']}"
             rounds = m["round_ratios"]
             peft, full = rounds["lorakit_over_peft"], rounds["lorakit_over_full"]
-            rows.append((f"{where}: LoRA step ≤ 1.00× PEFT's", _ci(peft), peft["ratio_median"] <= 1.0))
-            rows.append((f"{where}: LoRA step ≤ 0.75× full's", _ci(full), full["ratio_median"] <= 0.75))
+            rows.append((f"{where}: LoRA step ≤ 1.00× PEFT's", ci(peft), peft["ratio_median"] <= 1.0))
+            rows.append((f"{where}: LoRA step ≤ 0.75× full's", ci(full), full["ratio_median"] <= 0.75))
             memory = m["ratios"]["memory_lorakit_over_full"]
             rows.append((f"{where}: LoRA peak memory ≤ 0.80× full's", f"{memory:.3f}", memory <= 0.80))
         layers += result.get("layers", [])
@@ -115,16 +65,18 @@ def targets(sections: dict[str, Any]) -> list[tuple[str, str, bool]]:
         for batch, s in result["batches"].items():
             where = f"{result['model']} batch {batch}×{result['seq']}"
             merged = s["lorakit_merged"]["round_ratio_to_base"]
-            rows.append((f"{where}: merged ≤ 1.02× base", _ci(merged), merged["ratio_median"] <= 1.02))
+            rows.append((f"{where}: merged ≤ 1.02× base", ci(merged), merged["ratio_median"] <= 1.02))
             peft = s["lorakit_unmerged"]["round_ratio_to_peft"]
-            rows.append((f"{where}: unmerged ≤ 1.00× PEFT unmerged", _ci(peft), peft["ratio_median"] <= 1.0))
+            rows.append((f"{where}: unmerged ≤ 1.00× PEFT unmerged", ci(peft), peft["ratio_median"] <= 1.0))
         layers += result.get("layers", [])
     for m in layers:
         diff = m["rounds"]["lorakit_minus_peft"]
         name = f"{m['model']} {m['module']}, {m['tokens']:,} tokens, {m['mode']}: LoRA overhead − PEFT's ≤ 0"
-        rows.append((name, _ci(diff, "diff"), diff["median_s"] <= 0))
+        rows.append((name, ci(diff, "diff"), diff["median_s"] <= 0))
     if "adapters" in sections:
         rows += adapter_targets(sections["adapters"]["result"])
+    if "serve" in sections:
+        rows += serve_targets(sections["serve"]["result"])
     if "quality" in sections:
         for task in sections["quality"]["result"]["tasks"]:
             gaps = seed_gaps(task)
@@ -143,42 +95,42 @@ def adapter_targets(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
     for m in r["mixed"]:
         one, peft, k = m["mixed_vs_one"], m["mixed_vs_peft"], m["adapters"]
         if k == 16:
-            rows.append((f"{where}: 16 adapters ≤ 1.15× one adapter", _ci(one), one["ratio_median"] <= 1.15))
+            rows.append((f"{where}: 16 adapters ≤ 1.15× one adapter", ci(one), one["ratio_median"] <= 1.15))
         if k > 1:
             label = f"{where}: {k} adapters ≤ 1.00× PEFT's adapter_names= batch"
-            rows.append((label, _ci(peft), peft["ratio_median"] <= 1.0))
+            rows.append((label, ci(peft), peft["ratio_median"] <= 1.0))
     mem, one = r["memory"], r["memory"]["one-base"]
-    measured = f"{_mib(one['rss_bytes'])} vs {_mib(mem['bound_bytes'])}: {mem['one_base_over_bound']:.3f}×"
+    measured = f"{mib(one['rss_bytes'])} vs {mib(mem['bound_bytes'])}: {mem['one_base_over_bound']:.3f}×"
     label = f"{r['model']} + 16 adapters: memory ≤ 1.05 × (one model + the adapters' bytes)"
     return [*rows, (label, measured, mem["one_base_over_bound"] <= 1.0)]
 
 
 def _adapters(data: dict[str, Any]) -> list[str]:
     r, keys = data["result"], ("one", "mixed", "peft", "merged")
-    lines = _header(f"Many adapters on one base: {r['model']}, r = {r['r']}", data)
+    lines = header(f"Many adapters on one base: {r['model']}, r = {r['r']}", data)
     rows = [
-        [m["adapters"], f"{m['rows']} × {m['seq']}", *(_ms(m["times"][k]["median_s"]) for k in keys)]
+        [m["adapters"], f"{m['rows']} × {m['seq']}", *(ms(m["times"][k]["median_s"]) for k in keys)]
         + [
-            *(_ci(m[f"mixed_vs_{k}"]) for k in ("one", "merged", "peft")),
+            *(ci(m[f"mixed_vs_{k}"]) for k in ("one", "merged", "peft")),
             f"{m['max_abs_diff_vs_merged']:.1e}",
         ]
         for m in r["mixed"]
     ]
     head = ["adapters", "batch", "one adapter", "lorakit mixed", "PEFT mixed", "merged models", "mixed / one"]
-    lines += _table([*head, "mixed / merged", "mixed / PEFT", "max |Δ| vs merged"], rows)
+    lines += table([*head, "mixed / merged", "mixed / PEFT", "max |Δ| vs merged"], rows)
     sw, us, load = r["switching"], r["switching"]["switch_us"], r["switching"]["load_s"]
     ops = [
         ["switch the active adapter", *(f"{us[k]['median_s'] * 1e6:,.0f} µs" for k in NAMES if k in us)],
-        ["load one more adapter", *(_ms(load[k]["median_s"]) for k in NAMES if k in load)],
+        ["load one more adapter", *(ms(load[k]["median_s"]) for k in NAMES if k in load)],
     ]
-    ops = [[*op, _ci(sw[key])] for op, key in zip(ops, ("switch_ratio", "load_ratio"), strict=True)]
-    lines += _table(["with 16 adapters loaded", "lorakit", "PEFT", "lorakit / PEFT [95%]"], ops)
+    ops = [[*op, ci(sw[key])] for op, key in zip(ops, ("switch_ratio", "load_ratio"), strict=True)]
+    lines += table(["with 16 adapters loaded", "lorakit", "PEFT", "lorakit / PEFT [95%]"], ops)
     one, merged = r["memory"]["one-base"], r["memory"]["merged"]
     return lines + [
         f"Memory, each in a fresh process (resident set over the process's own before any model): one base "
-        f"with 16 adapters {_mib(one['rss_bytes'])} (the base alone {_mib(one['model_rss_bytes'])}, its "
-        f"parameters {_mib(one['model_bytes'])}; the adapters' own tensors {_mib(one['adapter_bytes'])}); 16 "
-        f"merged models {_mib(merged['rss_bytes'])}. Each adapter saves the classifier's output projection "
+        f"with 16 adapters {mib(one['rss_bytes'])} (the base alone {mib(one['model_rss_bytes'])}, its "
+        f"parameters {mib(one['model_bytes'])}; the adapters' own tensors {mib(one['adapter_bytes'])}); 16 "
+        f"merged models {mib(merged['rss_bytes'])}. Each adapter saves the classifier's output projection "
         "(PEFT mixes only saved modules that are Linear, Embedding or Conv layers); row i belongs to adapter "
         "i mod K; merged models: each adapter's rows through its own merged copy, in turn.",
         "",
@@ -199,7 +151,7 @@ def _many_tasks(data: dict[str, Any]) -> list[str]:
     return [
         "## Many tasks on one base, for real (`python scripts/many_tasks.py`)",
         "",
-        *_table(head, rows),
+        *table(head, rows),
     ] + [
         "The real MiniLM-L6 with adapters trained by `lorakit train` (configs/demo.yaml with each task's "
         f"rows and swept learning rate); one `lorakit predict` over all {data['rows']:,} dev rows, shuffled "
@@ -209,36 +161,36 @@ def _many_tasks(data: dict[str, Any]) -> list[str]:
 
 
 def _speed(data: dict[str, Any], out: Path) -> list[str]:
-    lines = _header("Training step: forward, backward, AdamW step", data)
+    lines = header("Training step: forward, backward, AdamW step", data)
     rows, groups, series = [], [], {n: [] for n in NAMES.values()}
     for m in data["result"]["models"]:
         groups.append(f"{m['model']} {m['batch']}×{m['seq']}")
         for name, c in m["contenders"].items():
             rows.append(
                 [groups[-1], NAMES[name], f"{c['trainable']:,}", f"{c['median_s']:.2f} s", c["reps"]]
-                + [_mib(c["peak_memory_bytes"])]
+                + [mib(c["peak_memory_bytes"])]
             )
             series[NAMES[name]].append(c["median_s"])
-    lines += _table(["model", "contender", "trainable", "median step", "rounds", "peak memory"], rows)
-    _bars(out / "train_step.png", "Training step (median)", groups, series, "seconds")
+    lines += table(["model", "contender", "trainable", "median step", "rounds", "peak memory"], rows)
+    bars(out / "train_step.png", "Training step (median)", groups, series, "seconds")
     return lines + ["![training step](train_step.png)", ""]
 
 
 def _inference(data: dict[str, Any], out: Path) -> list[str]:
     r = data["result"]
-    lines = _header(f"Inference latency: {r['model']}, seq {r['seq']}, r = {r['r']}", data)
+    lines = header(f"Inference latency: {r['model']}, seq {r['seq']}, r = {r['r']}", data)
     rows, series = [], {label: [] for label in INFER.values()}
     for batch, stats in r["batches"].items():
         cells = [batch, stats["base"]["reps"]]
         for key, label in INFER.items():
             ratio = stats[key]["round_ratio_to_base"]["ratio_median"]
-            cells.append(f"{_ms(stats[key]['median_s'])} ({ratio:.3f}×)")
+            cells.append(f"{ms(stats[key]['median_s'])} ({ratio:.3f}×)")
             series[label].append(ratio)
         rows.append(cells)
-    lines += _table(["batch", "rounds", *(f"{v} (× base)" for v in INFER.values())], rows)
+    lines += table(["batch", "rounds", *(f"{v} (× base)" for v in INFER.values())], rows)
     same = r.get("merged_structure_is_base")
     lines += [f"Merged model has exactly the base model's modules, shapes and dtypes: {same}.", ""]
-    _bars(
+    bars(
         out / "inference.png",
         "Inference latency / base model",
         [f"batch {b}" for b in r["batches"]],
@@ -264,26 +216,26 @@ def _layers(sections: dict[str, Any]) -> list[str]:
                 m["mode"],
                 f"{m['tokens']:,}",
                 c["base"]["reps"],
-                _ms(c["base"]["median_s"]),
+                ms(c["base"]["median_s"]),
             ]
-            + [_ms(rd["lorakit_overhead"]["median_s"]), _ms(rd["peft_overhead"]["median_s"])]
-            + [_ci(rd["lorakit_minus_peft"], "diff")]
+            + [ms(rd["lorakit_overhead"]["median_s"]), ms(rd["peft_overhead"]["median_s"])]
+            + [ci(rd["lorakit_minus_peft"], "diff")]
         )
     head = ["model", "module", "mode", "tokens", "rounds", "bare layer", "lorakit overhead", "PEFT overhead"]
-    return ["## One adapted layer", ""] + _table([*head, "lorakit − PEFT [95%]"], rows)
+    return ["## One adapted layer", ""] + table([*head, "lorakit − PEFT [95%]"], rows)
 
 
 def _sizes(data: dict[str, Any]) -> list[str]:
-    lines = _header("Adapter size against model size", data)
+    lines = header("Adapter size against model size", data)
     rows = [
         [
             m["model"],
             m["r"],
             f"{m['lora_params']:,}",
             m["paper_lora_params"],
-            _mib(m["adapter_bytes_lora_only"]),
+            mib(m["adapter_bytes_lora_only"]),
         ]
-        + [_mib(m["adapter_bytes_with_head"]), _mib(m["model_bytes_fp32"])]
+        + [mib(m["adapter_bytes_with_head"]), mib(m["model_bytes_fp32"])]
         + [f"{100 * m['lora_only_fraction_of_model']:.2f}%"]
         for m in data["result"]["models"]
     ]
@@ -297,12 +249,12 @@ def _sizes(data: dict[str, Any]) -> list[str]:
         "model (fp32)",
         "adapter / model",
     ]
-    return lines + _table(head, rows)
+    return lines + table(head, rows)
 
 
 def _quality(data: dict[str, Any], out: Path) -> list[str]:
     res = data["result"]
-    lines = _header(f"Quality: {res['model']}", data) + ([data["note"], ""] if data.get("note") else [])
+    lines = header(f"Quality: {res['model']}", data) + ([data["note"], ""] if data.get("note") else [])
     rows, groups, series = [], [], {n: [] for n in NAMES.values()}
     for task in res["tasks"]:
         groups.append(task["task"])
@@ -321,7 +273,7 @@ def _quality(data: dict[str, Any], out: Path) -> list[str]:
                 + ["—" if task["majority_baseline"] is None else f"{task['majority_baseline']:.1f}"]
             )
     head = ["task", "metric", "train rows", "contender", "lr", "trainable", "median", "per seed"]
-    lines += _table([*head, "train time", "majority class"], rows)
+    lines += table([*head, "train time", "majority class"], rows)
     lines += [
         (
             "Full dev sets"
@@ -334,7 +286,7 @@ def _quality(data: dict[str, Any], out: Path) -> list[str]:
         "over the full dev set.",
         "",
     ]
-    _bars(out / "quality.png", "Dev score (median over seeds)", groups, series, "score")
+    bars(out / "quality.png", "Dev score (median over seeds)", groups, series, "score")
     return lines + ["![quality](quality.png)", ""]
 
 
@@ -356,7 +308,7 @@ def _history(sweep: dict[str, Any] | None, variants: dict[str, Any] | None) -> l
             "scored on held-out training rows, seed 0. Its picks are the rates the quality section trains "
             "with.",
             "",
-            *_table(["task", "LoRA lr", "full lr"], rows),
+            *table(["task", "LoRA lr", "full lr"], rows),
         ]
     if variants:
         lines += [
@@ -369,18 +321,18 @@ def _history(sweep: dict[str, Any] | None, variants: dict[str, Any] | None) -> l
 
 def render(out: Path) -> Path:
     """Write ``out/RESULTS.md`` (and PNGs) from the section JSON files in ``out``; returns its path."""
-    names = ("sizes", "speed", "inference", "adapters", "quality", "lr-sweep", "lora-variants")
+    names = ("sizes", "speed", "inference", "adapters", "serve", "quality", "lr-sweep", "lora-variants")
     sections = {n: d for n in names if (d := read_json(out / f"{n}.json"))}
     quick = any(d.get("quick") for d in sections.values())
     lines = ["# lorakit benchmarks", "", METHOD + (" **Quick run.**" if quick else ""), ""]
-    measured = [sections[n] for n in ("sizes", "speed", "inference", "adapters", "quality") if n in sections]
+    measured = [sections[n] for n in names[:6] if n in sections]
     if measured:
         took = " + ".join(f"{d['section']} {d['seconds']:.0f} s" for d in measured)
         lines += [f"This run: {took} = {sum(d['seconds'] for d in measured) / 60:.1f} minutes.", ""]
     lines += [RULES, ""]
     rows = targets(sections)
     if rows:
-        lines += ["## Targets", ""] + _table(
+        lines += ["## Targets", ""] + table(
             ["target", "measured: median [95%]", "met"],
             [[t, m, "yes" if ok else "**no**"] for t, m, ok in rows],
         )
@@ -394,6 +346,8 @@ def render(out: Path) -> Path:
         lines += _sizes(sections["sizes"])
     if "adapters" in sections:
         lines += _adapters(sections["adapters"])
+    if "serve" in sections:
+        lines += render_serve(sections["serve"])
     if many := read_json(out / "many-tasks.json"):
         lines += _many_tasks(many)
     if "quality" in sections:

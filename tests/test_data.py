@@ -273,3 +273,25 @@ def test_subsample_is_reproducible(rte_rows):
     assert subsample(rte_rows, 50, seed=8)["idx"] != a["idx"]
     assert subsample(rte_rows, None, seed=7) is rte_rows
     assert len(subsample(rte_rows, 10_000, seed=7)) == len(rte_rows)
+
+
+def test_padding_bounded_chunks_cut_where_padding_would_pass_the_bound() -> None:
+    from lorakit.data import padding_bounded_chunks
+
+    # Long pairs then short sentences: two batches, not every sentence padded to 64. The first takes one
+    # short row (266 of its 320 positions are tokens: 17% padding); a second would make it 27%.
+    assert padding_bounded_chunks([64] * 4 + [10] * 8, 64) == [range(0, 5), range(5, 12)]
+    # The row cap still holds, and a batch keeps its first min_rows rows whatever their lengths.
+    assert padding_bounded_chunks([5] * 10, 4) == [range(0, 4), range(4, 8), range(8, 10)]
+    assert padding_bounded_chunks([100, 50, 10, 5, 5], 64, min_rows=4) == [range(0, 4), range(4, 5)]
+    lengths = sorted(
+        (int(x) for x in torch.randint(1, 128, (500,), generator=torch.Generator().manual_seed(0))),
+        reverse=True,
+    )
+    chunks = padding_bounded_chunks(lengths, 32)
+    assert [i for c in chunks for i in c] == list(range(500))  # every row once, in order
+    for c in chunks:
+        rows = lengths[c.start : c.stop]
+        assert len(rows) <= 32
+        assert len(rows) <= 4 or 1 - sum(rows) / (len(rows) * rows[0]) <= 0.25
+    assert padding_bounded_chunks([], 8) == []

@@ -11,11 +11,13 @@ from lorakit.data.batching import (
     PaddingCollator,
     build_eval_dataloader,
     build_train_dataloader,
+    padding_bounded_chunks,
     padding_waste,
 )
 from lorakit.data.tokenize import (
     IGNORE_INDEX,
     MODEL_COLUMNS,
+    encode_classification,
     model_columns,
     subsample,
     tokenize_causal_lm,
@@ -32,9 +34,11 @@ __all__ = [
     "build_eval_dataloader",
     "build_train_dataloader",
     "model_columns",
+    "padding_bounded_chunks",
     "padding_waste",
     "subsample",
     "tokenize_causal_lm",
+    "encode_classification",
     "tokenize_classification",
     "tokenize_prompts",
 ]

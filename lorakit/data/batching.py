@@ -216,6 +216,27 @@ def build_eval_dataloader(
     )
 
 
+def padding_bounded_chunks(
+    lengths: Sequence[int], batch_size: int, max_padding: float = 0.25, min_rows: int = 4
+) -> list[range]:
+    """Rows sorted longest first, cut into consecutive batches of at most ``batch_size`` rows, each padded to
+    its first (longest) row. A batch closes early, once it holds ``min_rows``, where the next row would make
+    more than ``max_padding`` of its token positions padding: a mixed-task batch of long MRPC pairs and
+    short CoLA sentences then runs as two, instead of padding every sentence to the longest pair."""
+    chunks: list[range] = []
+    start, tokens = 0, 0
+    for i, length in enumerate(lengths):
+        rows = i - start
+        too_padded = (rows + 1) * lengths[start] * (1 - max_padding) > tokens + length
+        if rows == batch_size or (rows >= min_rows and too_padded):
+            chunks.append(range(start, i))
+            start, tokens = i, 0
+        tokens += length
+    if start < len(lengths):
+        chunks.append(range(start, len(lengths)))
+    return chunks
+
+
 def padding_waste(dataloader: DataLoader) -> float:
     """The fraction of token positions that are padding over one pass of ``dataloader`` (0 to 1).
 

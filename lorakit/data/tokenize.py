@@ -30,6 +30,35 @@ def subsample(dataset: datasets.Dataset, n: int | None, seed: int) -> datasets.D
     return dataset.select(np.sort(picked))
 
 
+def encode_classification(
+    batch: dict[str, list[Any]], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> dict[str, list[Any]]:
+    """Encode a batch of ``text_a`` (and ``text_b``, None for a single text) columns into model inputs,
+    unpadded, in row order: what ``tokenize_classification`` maps over a dataset, callable on plain lists
+    (``lorakit serve`` encodes every request batch this way, without a dataset's fingerprinting)."""
+    texts_a, texts_b = batch["text_a"], batch.get("text_b") or [None] * len(batch["text_a"])
+    singles = [i for i, b in enumerate(texts_b) if b is None]
+    pairs = [i for i, b in enumerate(texts_b) if b is not None]
+    rows: list[dict[str, Any]] = [{} for _ in texts_a]
+    # A tokenizer call takes all-pairs or all-singles; a batch mixing the two is encoded in two calls.
+    for group, with_pair in ((singles, False), (pairs, True)):
+        if not group:
+            continue
+        encoded = tokenizer(
+            [texts_a[i] for i in group],
+            [texts_b[i] for i in group] if with_pair else None,
+            truncation="longest_first",
+            max_length=max_length,
+        )
+        for j, i in enumerate(group):
+            rows[i] = {key: values[j] for key, values in encoded.items()}
+    out = {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
+    if "label" in batch:  # unlabeled rows (a GLUE test split) get no labels column
+        out["labels"] = list(batch["label"])
+    out["length"] = [len(ids) for ids in out.get("input_ids", [])]
+    return out
+
+
 def tokenize_classification(
     dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> datasets.Dataset:
@@ -41,31 +70,7 @@ def tokenize_classification(
     untokenized rows. Pairs longer than ``max_length`` are cut ``longest_first``: tokens go from the
     longer side, so neither sentence vanishes.
     """
-
-    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        texts_a, texts_b = batch["text_a"], batch.get("text_b") or [None] * len(batch["text_a"])
-        singles = [i for i, b in enumerate(texts_b) if b is None]
-        pairs = [i for i, b in enumerate(texts_b) if b is not None]
-        rows: list[dict[str, Any]] = [{} for _ in texts_a]
-        # A tokenizer call takes all-pairs or all-singles; a batch mixing the two is encoded in two calls.
-        for group, with_pair in ((singles, False), (pairs, True)):
-            if not group:
-                continue
-            encoded = tokenizer(
-                [texts_a[i] for i in group],
-                [texts_b[i] for i in group] if with_pair else None,
-                truncation="longest_first",
-                max_length=max_length,
-            )
-            for j, i in enumerate(group):
-                rows[i] = {key: values[j] for key, values in encoded.items()}
-        out = {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
-        if "label" in batch:  # unlabeled rows (a GLUE test split) get no labels column
-            out["labels"] = list(batch["label"])
-        out["length"] = [len(ids) for ids in out.get("input_ids", [])]
-        return out
-
-    return _map(dataset, encode)
+    return _map(dataset, lambda batch: encode_classification(batch, tokenizer, max_length))
 
 
 def tokenize_causal_lm(

@@ -149,25 +149,25 @@ class Predictor:
         batch_size: int,
         advance: Callable[[int], None] | None,
     ) -> None:
-        import datasets
-
-        from lorakit.data import PaddingCollator, tokenize_classification
+        from lorakit.data import PaddingCollator, encode_classification, padding_bounded_chunks
         from lorakit.lora import mixed_logits
 
         encoded: list[tuple[int, str, dict[str, Any]]] = []
         for name in dict.fromkeys(r.adapter for _, r in indexed):
             group = [(i, r) for i, r in indexed if r.adapter == name]
             texts = {"text_a": [r.text for _, r in group], "text_b": [r.text_pair for _, r in group]}
-            tokenized = tokenize_classification(
-                datasets.Dataset.from_dict(texts), self.tokenizer, self._max_length(self.sources[name])
-            )
-            encoded += [(i, name, features) for (i, _), features in zip(group, tokenized, strict=True)]
+            columns = encode_classification(texts, self.tokenizer, self._max_length(self.sources[name]))
+            features = [
+                dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)
+            ]
+            encoded += [(i, name, f) for (i, _), f in zip(group, features, strict=True)]
         # Longest first: a batch too large for memory fails at once, and similar lengths pad little.
         encoded.sort(key=lambda e: -len(e[2]["input_ids"]))
         collate = PaddingCollator(self.tokenizer)
         device = self.accelerator.device
-        for start in range(0, len(encoded), batch_size):
-            chunk = encoded[start : start + batch_size]
+        lengths = [len(f["input_ids"]) for _, _, f in encoded]
+        for rows in padding_bounded_chunks(lengths, batch_size):
+            chunk = encoded[rows.start : rows.stop]
             batch = {k: v.to(device) for k, v in collate([f for _, _, f in chunk]).items()}
             names = [name for _, name, _ in chunk]
             if self.merged:  # one adapter, in the weights: a plain forward pass
