@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lorakit-installed
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-all lint bench bench-quick bench-tune demo
+.PHONY: install test test-all lint bench bench-quick bench-serve bench-tune demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PY_BOOT) -m venv $(VENV)
@@ -36,6 +36,9 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) scripts/bench.py --quick --out benchmarks
+
+bench-serve: $(STAMP)
+	$(PY) scripts/bench.py --only serve --out benchmarks
 
 # The learning-rate sweep whose picks `make bench`'s quality section trains with, each method at four
 # rates on held-out training rows, through `lorakit train`. Run before `make bench` when the quality

@@ -86,8 +86,11 @@ def _alone(arch: str, base: torch.nn.Module, adapter_dir: Path, batch: dict) -> 
         return model(**batch).logits
 
 
+@pytest.mark.parametrize("layout", ["shuffled", "grouped", "grouped-autograd"])
 @pytest.mark.parametrize("arch", BUILDERS)
-def test_a_shuffled_mixed_batch_equals_each_adapter_alone(arch: str, tmp_path: Path, token_batch) -> None:
+def test_a_mixed_batch_equals_each_adapter_alone(arch: str, layout: str, tmp_path: Path, token_batch) -> None:
+    """Shuffled rows are gathered and scattered by index; grouped rows (each adapter's together, as
+    ``lorakit predict`` orders them) run on views of the batch, in place, or out of place with autograd."""
     torch.manual_seed(0)
     base = BUILDERS[arch](num_labels=2).eval()
     dirs = _write_adapters(arch, base, tmp_path)
@@ -107,8 +110,11 @@ def test_a_shuffled_mixed_batch_equals_each_adapter_alone(arch: str, tmp_path: P
     assert active_adapter(served) == "two"  # the first one loaded; later loads leave it active
     assert len(adapted_modules(served)["three"]) > len(adapted_modules(served)["two"]) > 0
     rows = ["three", "two", None, "one", "two", "three", "one", None, "three", "two", "one", "two"]
-    with torch.no_grad():
+    if layout.startswith("grouped"):
+        rows = sorted(rows, key=lambda n: ("three", "two", None, "one").index(n))
+    with torch.set_grad_enabled(layout == "grouped-autograd"):
         mixed, widths = mixed_logits(served, rows, **batch)
+        mixed = mixed.detach()
         if arch != "deberta-v2":  # one pass over the whole batch; DeBERTa's shared positions: per group
             with mixed_batch(served, rows) as one_pass_widths:
                 assert torch.equal(served(**batch).logits.isnan(), mixed.isnan())

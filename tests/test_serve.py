@@ -285,6 +285,22 @@ def test_adapters_load_and_unload_while_serving(
         assert client.get("/health").json()["adapters"] == 3
 
 
+def test_the_load_test_client_counts_what_the_server_answers(server: Server, runs: dict) -> None:
+    """scripts/bench_serve.py's client, against the real server."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_serve
+
+    rows = {"sst2": runs["rows"]["sst2"], "stsb": runs["rows"]["stsb"]}
+    requests = bench_serve._requests(rows, 12, 2, None)
+    assert [r["adapter"] for r in requests[:4]] == ["sst2", "stsb", "sst2", "stsb"]
+    assert bench_serve._requests(rows, 3, 2, "sst2")[1]["inputs"] == requests[1]["inputs"]  # same inputs
+    result = asyncio.run(bench_serve._load(server.url, requests, 3, 60))
+    assert (result["requests"], result["rows"], result["errors"], result["complete"]) == (12, 24, 0, True)
+    assert 0 < result["latency_p50_ms"] <= result["latency_p99_ms"] and result["rows_per_s"] > 0
+    bad = asyncio.run(bench_serve._load(server.url, [{"adapter": "nope", "inputs": [{"text": "x"}]}], 1, 60))
+    assert (bad["rows"], bad["errors"]) == (0, 1)
+
+
 def test_sigint_stops_the_server_with_exit_0(server: Server) -> None:
     """The last test of the fast server."""
     assert server.stop(signal.SIGINT) == 0, server.text()

@@ -143,7 +143,12 @@ def mixed_batch(model: nn.Module, row_adapters: Sequence[str | None]) -> Iterato
     index: dict[str | None, list[int]] = {}
     for i, name in enumerate(row_adapters):
         index.setdefault(name, []).append(i)
-    routing = [(n, torch.tensor(rows, dtype=torch.long, device=device)) for n, rows in index.items()]
+    routing = [
+        (n, slice(rows[0], rows[-1] + 1))  # a contiguous group: a view of its rows, no gather or scatter
+        if rows[-1] - rows[0] + 1 == len(rows)
+        else (n, torch.tensor(rows, dtype=torch.long, device=device))
+        for n, rows in index.items()
+    ]
     widths: dict[str | None, int] = {}
     for module in modules:
         module.routing = routing

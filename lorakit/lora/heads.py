@@ -15,6 +15,7 @@ import copy
 import torch
 from torch import nn
 
+from lorakit.lora.layer_base import take_rows
 from lorakit.lora.layers import Routing
 
 
@@ -57,7 +58,7 @@ class SavedModules(nn.Module):
             return self.module_for(self.active_adapter)(hidden, *args, **kwargs)
         outs = []
         for name, rows in routing:
-            out = self.module_for(name)(hidden.index_select(0, rows), *args, **kwargs)
+            out = self.module_for(name)(take_rows(hidden, rows), *args, **kwargs)
             if not isinstance(out, torch.Tensor):
                 raise TypeError(
                     f"a mixed batch needs modules that return one tensor, not {type(out).__name__}"

@@ -20,8 +20,20 @@ from lorakit.lora.low_rank import is_conv1d
 
 LORA_DTYPE = torch.float32
 DEFAULT_ADAPTER = "default"
-# Rows of a mixed batch: (adapter name or None for the bare base, the row indices), one entry a group.
-Routing = Sequence[tuple[str | None, torch.Tensor]]
+# Rows of a mixed batch: (adapter name or None for the bare base, its rows), one entry a group. The rows
+# are a slice when the group is contiguous (a view, no copy), else a tensor of row indices.
+Rows = torch.Tensor | slice
+Routing = Sequence[tuple[str | None, Rows]]
+
+
+def take_rows(x: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """The rows ``rows`` of ``x`` (a view for a slice, a copy for indices)."""
+    return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+
+
+def row_count(rows: Rows) -> int:
+    """How many rows ``rows`` names."""
+    return rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
 
 
 class SharedInputError(RuntimeError):
@@ -205,7 +217,7 @@ class LoraLayer(nn.Module):
     ) -> torch.Tensor:
         """The base map once over the whole batch, then each group's update added to its own rows
         (``update(adapter, rows_of_x)`` gives it at the full output width)."""
-        if x.shape[0] != sum(rows.numel() for _, rows in routing):
+        if x.shape[0] != sum(row_count(rows) for _, rows in routing):
             raise SharedInputError(
                 f"a {type(self.base_layer).__name__} of a mixed batch got an input of leading size "
                 f"{x.shape[0]}, not one row per batch row"
@@ -215,7 +227,12 @@ class LoraLayer(nn.Module):
         for name, rows in routing:
             if name is None or name not in self.lora_adapters:
                 continue
-            delta = update(self.lora_adapters[name], x.index_select(0, rows)).to(out.dtype)  # type: ignore[arg-type]
+            delta = update(self.lora_adapters[name], take_rows(x, rows)).to(out.dtype)  # type: ignore[arg-type]
+            if isinstance(rows, slice) and not grad:
+                out[rows] += delta
+                continue
+            if isinstance(rows, slice):
+                rows = torch.arange(rows.start, rows.stop, device=out.device)
             out = out.index_add(0, rows, delta) if grad else out.index_add_(0, rows, delta)
         return out
 

@@ -166,8 +166,10 @@ class Predictor:
         collate = PaddingCollator(self.tokenizer)
         device = self.accelerator.device
         lengths = [len(f["input_ids"]) for _, _, f in encoded]
+        order = {name: k for k, name in enumerate(self.sources)}
         for rows in padding_bounded_chunks(lengths, batch_size):
-            chunk = encoded[rows.start : rows.stop]
+            # Each adapter's rows together: its LoRA layers and head then work on views of the batch.
+            chunk = sorted(encoded[rows.start : rows.stop], key=lambda e: order[e[1]])
             batch = {k: v.to(device) for k, v in collate([f for _, _, f in chunk]).items()}
             names = [name for _, name, _ in chunk]
             if self.merged:  # one adapter, in the weights: a plain forward pass
