@@ -1,6 +1,6 @@
 """lorakit's benchmarks: LoRA's promises measured against what a user would pick instead, in one run.
 
-    python scripts/bench.py --out benchmarks            # make bench        (about 30 minutes, 2 CPU cores)
+    python scripts/bench.py --out benchmarks            # make bench        (about 40 minutes, 2 CPU cores)
     python scripts/bench.py --quick --out benchmarks    # make bench-quick  (a few minutes)
     python scripts/bench.py --only speed --out DIR      # one section (repeatable; see SECTIONS)
 
