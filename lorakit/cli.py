@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from lorakit.errors import UserError
+from lorakit.errors import Interrupted, UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -283,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         err.print(f"[red]lorakit: error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
+    except Interrupted as exc:
+        err.print(f"[yellow]lorakit:[/yellow] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return exc.exit_status
     except KeyboardInterrupt:
         err.print("lorakit: interrupted")
         return 130

@@ -13,3 +13,12 @@ class UserError(Exception):
     def __init__(self, message: str, where: str | None = None) -> None:
         self.where = where
         super().__init__(f"{where}: {message}" if where else message)
+
+
+class Interrupted(Exception):
+    """A run stopped on request (SIGTERM, SIGINT) after saving what lets it continue; the CLI shows the
+    message (how to resume) and exits with ``exit_status`` (128 + the signal's number)."""
+
+    def __init__(self, message: str, exit_status: int) -> None:
+        self.exit_status = exit_status
+        super().__init__(message)

@@ -39,6 +39,7 @@ from lorakit.training.checkpoint import (
     save_checkpoint,
 )
 from lorakit.training.optimization import build_optimizer, float32_trainables, global_mean_loss
+from lorakit.training.preemption import StopSignals, interrupted
 from lorakit.training.preflight import check_precision, check_process_count, run_dir_for
 from lorakit.training.progress import TrainProgress
 from lorakit.training.reporting import JsonlLog, peak_memory, plot_curves
@@ -249,12 +250,21 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     loop = _Loop(recipe, run_dir, acc)
     if resume:
         loop.resume_from(latest_checkpoint(run_dir))
-    _train_epochs(loop)
+    with StopSignals() as signals:
+        _train_epochs(loop, signals)
     return _finish(loop)
 
 
-def _train_epochs(loop: _Loop) -> None:
-    """Run optimizer steps until the total is reached."""
+def _stop_requested(loop: _Loop, signals: StopSignals) -> int | None:
+    """The signal that asked this run to stop, agreed by every process (all stop after the same step)."""
+    if loop.acc.num_processes == 1:
+        return signals.received
+    received = torch.tensor(signals.received or 0, device=loop.acc.device)
+    return int(loop.acc.reduce(received, "max").item()) or None
+
+
+def _train_epochs(loop: _Loop, signals: StopSignals) -> None:
+    """Run optimizer steps until the total is reached, or until a stop signal (then checkpoint, raise)."""
     acc, state, t = loop.acc, loop.state, loop.recipe.train
     model, n = loop.model, acc.num_processes
     params = [p for p in model.parameters() if p.requires_grad]
@@ -309,10 +319,16 @@ def _train_epochs(loop: _Loop) -> None:
                     state.train_seconds += time.perf_counter() - tick
                     loop.evaluate_and_keep_best()
                     tick = time.perf_counter()
-                if (t.save_every and state.step % t.save_every == 0) or (eval_now and not t.save_every):
+                saved = (t.save_every and state.step % t.save_every == 0) or (eval_now and not t.save_every)
+                if saved:
                     loop.checkpoint()
                 if state.step >= loop.total_steps:
                     break
+                if (signum := _stop_requested(loop, signals)) is not None:
+                    if not saved:
+                        loop.checkpoint()
+                    where = str(latest_checkpoint(loop.run_dir))
+                    raise interrupted(signum, state.step, loop.total_steps, where, loop.recipe.source)
             state.train_seconds += time.perf_counter() - tick
             if done < len(loop.train_dl):
                 break  # max_steps reached mid-epoch; _finish evaluates the final state
