@@ -99,3 +99,128 @@ def test_a_signal_mid_run_checkpoints_and_resume_ends_with_the_uninterrupted_ada
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory, tiny_roberta_dir: Path, shared_data: Path) -> Path:
+    """A short real run to break copies of."""
+    root = tmp_path_factory.mktemp("faults")
+    data = shared_data / "glue" / "SST-2"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORAKIT_HOME", str(root / "home"))
+        recipe = _recipe(root / "r.yaml", tiny_roberta_dir, data, root / "run", max_steps=4, save_every=2)
+        assert main(["train", str(recipe)]) == 0
+    return root / "run"
+
+
+def _fails(args: list[str], status: int, capsys: pytest.CaptureFixture[str], *words: str) -> str:
+    capsys.readouterr()
+    assert main(args) == status
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+def test_merge_refuses_an_out_it_did_not_write_and_replaces_its_own_atomically(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's own")
+    _fails(["merge", str(run), "--out", str(mine)], 2, capsys, "--out", "lorakit did not write")
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    (tmp_path / "afile").write_text("x")
+    _fails(["merge", str(run), "--out", str(tmp_path / "afile")], 2, capsys, "is a file")
+
+    out = tmp_path / "merged"
+    assert main(["merge", str(run), "--out", str(out)]) == 0
+    first = load_file(out / "model.safetensors")
+    assert json.loads((out / "lorakit_merge.json").read_text())["merged_from"] == str(run)
+    assert main(["merge", str(run), "--out", str(out)]) == 0  # an earlier merge: replaced
+    second = load_file(out / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "merged", "mine"]  # nothing left beside
+
+
+def _broken_copy(run: Path, tmp_path: Path, name: str, content: bytes) -> Path:
+    import shutil
+
+    copy = tmp_path / "broken"
+    shutil.copytree(run, copy)
+    (copy / name).write_bytes(content)
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("name", "cut", "message"),
+    [
+        ("adapter_model.safetensors", 0.5, "not a readable safetensors file"),
+        ("adapter_config.json", 0.5, "not valid JSON"),
+    ],
+)
+def test_a_broken_adapter_file_is_named_with_exit_1(
+    run: Path, tmp_path: Path, name: str, cut: float, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = (run / name).read_bytes()
+    copy = _broken_copy(run, tmp_path, name, data[: int(len(data) * cut)])
+    where = str(copy / name)
+    _fails(["eval", str(copy)], 1, capsys, where, message)
+    _fails(["merge", str(copy), "--out", str(tmp_path / "m")], 1, capsys, where, message)
+    assert not (tmp_path / "m").exists()
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"adapter": "a", "text": "fine"}\n')
+    _fails(["predict", "--adapter", f"a={copy}", "--input", str(rows)], 1, capsys, where, message)
+
+
+def test_a_truncated_checkpoint_is_named_on_resume(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    recipe = yaml.safe_load((copy / "recipe.yaml").read_text())
+    recipe["output_dir"] = str(copy)
+    recipe["train"]["max_steps"] = 8
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    weights = copy / "checkpoints" / "step-4" / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    _fails(["train", str(tmp_path / "r.yaml"), "--resume"], 1, capsys, str(weights), "not a readable")
+
+
+def test_a_training_file_without_rows_is_named_with_exit_2(
+    tiny_roberta_dir: Path, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "SST-2"
+    data.mkdir()
+    source = shared_data / "glue" / "SST-2"
+    (data / "train.tsv").write_text((source / "train.tsv").read_text().splitlines()[0] + "\n")  # header
+    (data / "dev.tsv").write_text((source / "dev.tsv").read_text())
+    recipe = _recipe(tmp_path / "r.yaml", tiny_roberta_dir, data, tmp_path / "run", max_steps=2)
+    _fails(["train", str(recipe)], 2, capsys, str(data / "train.tsv"), "no rows in the train split")
+
+
+def test_a_failed_start_does_not_block_the_retry(
+    tiny_roberta_dir: Path, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = shared_data / "glue" / "SST-2"
+    out = tmp_path / "run"
+    import shutil
+
+    unfinished = shutil.copytree(tiny_roberta_dir, tmp_path / "download-in-progress")
+    (unfinished / "model.safetensors").unlink()  # no weights yet: loading fails, as with the hub unreachable
+    recipe = _recipe(tmp_path / "r.yaml", unfinished, data, out, max_steps=2)
+    capsys.readouterr()
+    assert main(["train", str(recipe)]) == 2  # "cannot load the model", naming the key
+    assert sorted(p.name for p in out.iterdir()) == ["logs", "recipe.yaml"]  # what the start wrote
+    recipe = _recipe(tmp_path / "r.yaml", tiny_roberta_dir, data, out, max_steps=2)
+    assert main(["train", str(recipe)]) == 0, capsys.readouterr().err
+    assert (out / "adapter_model.safetensors").is_file()
+    # A directory with anything else in it still needs --resume or another --output-dir.
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "data.csv").write_text("mine")
+    recipe = _recipe(tmp_path / "r2.yaml", tiny_roberta_dir, data, tmp_path / "other", max_steps=2)
+    _fails(["train", str(recipe)], 2, capsys, "already holds a run")
+    assert (tmp_path / "other" / "data.csv").read_text() == "mine"

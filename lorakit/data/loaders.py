@@ -16,6 +16,7 @@ from lorakit.data import (
     tokenize_classification,
     tokenize_prompts,
 )
+from lorakit.errors import UserError
 from lorakit.recipe import Recipe
 from lorakit.tasks.base import Task
 
@@ -30,9 +31,17 @@ class EvalSet:
     loader: DataLoader
 
 
+def _rows(task: Task, split: str) -> Any:
+    """The rows of ``split``; a UserError naming its file when there are none (a header alone, say)."""
+    rows = task.load(split)
+    if len(rows) == 0:
+        raise UserError(f"no rows in the {split} split", where=task.source_of(split))
+    return rows
+
+
 def train_loader(recipe: Recipe, task: Task, tokenizer: Any) -> DataLoader:
     """Shuffled (length-grouped unless the recipe says otherwise), dynamically padded training batches."""
-    rows = subsample(task.load(task.train_split), recipe.task.max_train_samples, recipe.train.seed)
+    rows = subsample(_rows(task, task.train_split), recipe.task.max_train_samples, recipe.train.seed)
     if task.kind == "generation":
         tokenized = tokenize_causal_lm(rows, tokenizer, recipe.task.max_length)
     else:
@@ -55,7 +64,7 @@ def eval_sets(
     """
     sets = []
     for prefix, split in (splits or task.eval_splits).items():
-        rows = subsample(task.load(split), recipe.task.max_eval_samples, recipe.train.seed)
+        rows = subsample(_rows(task, split), recipe.task.max_eval_samples, recipe.train.seed)
         if task.kind == "generation":
             tokenized = tokenize_prompts(rows, tokenizer, recipe.task.max_length)
             loader = build_eval_dataloader(

@@ -6,8 +6,11 @@ from lorakit.lora.adapter_io import (
     CONFIG_NAME,
     PEFT_PREFIX,
     WEIGHTS_NAME,
+    BrokenFileError,
     load_adapter,
     read_adapter,
+    read_json_object,
+    read_safetensors,
     save_adapter,
     write_adapter_files,
 )
@@ -54,6 +57,9 @@ from lorakit.lora.loralib_import import import_loralib_checkpoint
 from lorakit.lora.presets import fused_slices, paper_targets, seq_cls_heads
 
 __all__ = [
+    "BrokenFileError",
+    "read_json_object",
+    "read_safetensors",
     "CONFIG_NAME",
     "DEFAULT_ADAPTER",
     "PEFT_PREFIX",

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -218,13 +218,43 @@ def save_adapter(
     return write_adapter_files(out_dir, tensors, cfg, meta)
 
 
+class BrokenFileError(OSError):
+    """A file that should be there and readable is missing, truncated or not what its name says; the
+    message names the file and what is wrong with it."""
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; BrokenFileError naming the file when it is missing or not one."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BrokenFileError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BrokenFileError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise BrokenFileError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; BrokenFileError naming it when it is missing, truncated
+    or not safetensors."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118
+    except FileNotFoundError:
+        raise BrokenFileError(f"{path}: missing") from None
+    except (SafetensorError, OSError) as exc:
+        raise BrokenFileError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
 def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
-    """(config dict, tensors with PEFT's prefix removed, fused-slice layout) of an adapter directory."""
+    """(config dict, tensors with PEFT's prefix removed, fused-slice layout) of an adapter directory;
+    BrokenFileError naming the file that is missing or broken."""
     d = Path(adapter_dir)
-    config = json.loads((d / CONFIG_NAME).read_text())
-    with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:
-        metadata = f.metadata() or {}
-        tensors = {k.removeprefix(PEFT_PREFIX): f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    config = read_json_object(d / CONFIG_NAME)
+    raw, metadata = read_safetensors(d / WEIGHTS_NAME)
+    tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in raw.items()}
     fused = json.loads(metadata.get(_FUSED_METADATA_KEY, "{}"))
     return config, tensors, fused
 

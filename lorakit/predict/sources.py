@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from lorakit.errors import UserError
-from lorakit.lora import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME
+from lorakit.lora import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, BrokenFileError, read_json_object
 from lorakit.runs import RECIPE_FILE
 
 if TYPE_CHECKING:
@@ -65,12 +65,15 @@ def parse_adapter_spec(spec: str) -> tuple[str, Path]:
 
 def _head_width(weights: Path) -> int | None:
     """Output count of the head in an adapter file (its last projection's rows), or None."""
-    with safe_open(str(weights), framework="pt") as f:
-        keys = [k.removeprefix(PEFT_PREFIX) for k in f.keys()]  # noqa: SIM118
-        for suffix in _HEAD_OUTPUTS:
-            hits = [k for k in keys if k.endswith(suffix) and "lora_" not in k]
-            if hits:
-                return int(f.get_slice(PEFT_PREFIX + hits[0]).get_shape()[0])
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            keys = [k.removeprefix(PEFT_PREFIX) for k in f.keys()]  # noqa: SIM118
+            for suffix in _HEAD_OUTPUTS:
+                hits = [k for k in keys if k.endswith(suffix) and "lora_" not in k]
+                if hits:
+                    return int(f.get_slice(PEFT_PREFIX + hits[0]).get_shape()[0])
+    except SafetensorError as exc:
+        raise BrokenFileError(f"{weights}: not a readable safetensors file ({exc})") from None
     return None
 
 
@@ -106,10 +109,7 @@ def read_source(
             recipe=recipe,
             where=where,
         )
-    try:
-        file_config: dict[str, Any] = json.loads((path / CONFIG_NAME).read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {CONFIG_NAME}: {exc}", where) from None
+    file_config = read_json_object(path / CONFIG_NAME)
     recorded = file_config.get("base_model_name_or_path")
     if base is None and not recorded:
         raise UserError("a PEFT adapter without a recipe: name its base model with --base", where)

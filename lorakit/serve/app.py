@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorakit.errors import UserError
+from lorakit.lora import BrokenFileError
 from lorakit.predict import AdapterSource, MergedPredictor, Predictor, Row, check_prompts, read_source
 from lorakit.serve.batcher import Batcher
 
@@ -203,7 +204,7 @@ def create_app(service: Service) -> FastAPI:
         service.loading.add(body.name)
         try:
             source, info = await service.batcher.call(lambda: service.load(body.name, body.path))
-        except UserError as exc:
+        except (UserError, BrokenFileError) as exc:
             raise HTTPException(422, str(exc)) from None
         finally:
             service.loading.discard(body.name)

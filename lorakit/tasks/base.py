@@ -53,6 +53,10 @@ class Task(ABC):
     def load(self, split: str) -> datasets.Dataset:
         """Rows of ``split`` in this task's column layout, from ``data_dir`` or the hub."""
 
+    def source_of(self, split: str) -> str:
+        """Where ``split``'s rows come from, for error messages: a file or folder, or the hub."""
+        return f"{self.data_dir} ({split})" if self.data_dir else f"the hub's {self.name} {split} split"
+
     @abstractmethod
     def compute_metrics(self, predictions: Sequence[Any], examples: datasets.Dataset) -> dict[str, float]:
         """The task's metrics for ``predictions`` (one per row of ``examples``), in percent where the

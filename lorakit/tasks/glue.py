@@ -154,6 +154,10 @@ class GlueTask(Task):
 
         return datasets.Dataset.from_dict(columns, features=self.features)
 
+    def source_of(self, split: str) -> str:
+        """The file ``split`` is read from, or the hub dataset."""
+        return str(self._find_file(split)) if self.data_dir else f"{HUB_ID}/{self.name} ({split})"
+
     def compute_metrics(self, predictions: Sequence[Any], examples: datasets.Dataset) -> dict[str, float]:
         """Paper metrics in percent: CoLA MCC; MRPC/QQP accuracy and F1; STS-B Pearson and Spearman;
         accuracy elsewhere. ``predictions`` are class ids (floats for STS-B), one per row of ``examples``."""

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
+
+from lorakit.lora import read_json_object, read_safetensors
 
 CHECKPOINTS = "checkpoints"
 _PREFIX = "step-"
@@ -145,7 +147,7 @@ def load_checkpoint(
 ) -> tuple[LoopState, dict[str, Any]]:
     """Restore a checkpoint into ``model`` (trainable parameters), optimizer and scheduler; returns the
     loop state and the RNG states, which the loop restores itself at the point where they were saved."""
-    weights = load_file(str(path / _WEIGHTS))
+    weights, _ = read_safetensors(path / _WEIGHTS)
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
     if missing:
@@ -153,8 +155,8 @@ def load_checkpoint(
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-    tensors = load_file(str(path / _STATE_TENSORS))
-    states = {k: _from_json(v, tensors) for k, v in json.loads((path / _STATE_JSON).read_text()).items()}
+    tensors, _ = read_safetensors(path / _STATE_TENSORS)
+    states = {k: _from_json(v, tensors) for k, v in read_json_object(path / _STATE_JSON).items()}
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
-    return LoopState(**json.loads((path / _LOOP_JSON).read_text())), states["rng"]
+    return LoopState(**read_json_object(path / _LOOP_JSON)), states["rng"]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lorakit.errors import UserError
 from lorakit.recipe import Recipe
+from lorakit.runs import RECIPE_FILE
 from lorakit.training.checkpoint import latest_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,13 @@ def check_precision(recipe: Recipe, device_type: str) -> None:
         )
 
 
+def _failed_start(run_dir: Path) -> bool:
+    """A run directory that holds only what a start writes before training (the recipe, the logs; no
+    checkpoint, no adapter, no metrics): a start that failed (the hub unreachable, say), which must not
+    block the retry."""
+    return all(p.name in (RECIPE_FILE, "logs") for p in run_dir.iterdir())
+
+
 def run_dir_for(recipe: Recipe, resume: bool) -> Path:
     """The run directory of ``recipe``; a UserError when resuming finds no checkpoint there, or a fresh
     run finds another run there."""
@@ -63,7 +71,7 @@ def run_dir_for(recipe: Recipe, resume: bool) -> Path:
     if resume:
         if latest_checkpoint(run_dir) is None:
             raise UserError(f"no checkpoint to resume from in {run_dir / 'checkpoints'}", where="--resume")
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif run_dir.exists() and any(run_dir.iterdir()) and not _failed_start(run_dir):
         raise UserError(
             f"{run_dir} already holds a run; pass --resume to continue it or choose another --output-dir",
             where=recipe.where("output_dir"),
