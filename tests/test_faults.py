@@ -224,3 +224,16 @@ def test_a_failed_start_does_not_block_the_retry(
     recipe = _recipe(tmp_path / "r2.yaml", tiny_roberta_dir, data, tmp_path / "other", max_steps=2)
     _fails(["train", str(recipe)], 2, capsys, "already holds a run")
     assert (tmp_path / "other" / "data.csv").read_text() == "mine"
+
+
+def test_the_first_signal_asks_and_a_second_ctrl_c_stops_at_once() -> None:
+    from lorakit.training.preemption import StopSignals
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals() as signals:
+        signal.raise_signal(signal.SIGTERM)
+        assert signals.received == signal.SIGTERM  # asked, not stopped
+        signal.raise_signal(signal.SIGTERM)  # a scheduler repeating itself: still the checkpoint first
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers restored after training
