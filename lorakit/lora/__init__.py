@@ -6,11 +6,8 @@ from lorakit.lora.adapter_io import (
     CONFIG_NAME,
     PEFT_PREFIX,
     WEIGHTS_NAME,
-    BrokenFileError,
     load_adapter,
     read_adapter,
-    read_json_object,
-    read_safetensors,
     save_adapter,
     write_adapter_files,
 )
@@ -24,6 +21,7 @@ from lorakit.lora.adapters import (
     mixed_logits,
 )
 from lorakit.lora.config import LoraConfig
+from lorakit.lora.files import BrokenFileError, read_json_object, read_safetensors
 from lorakit.lora.heads import SavedModules
 from lorakit.lora.inject import (
     ParameterCounts,
