@@ -224,6 +224,12 @@ def test_a_failed_start_does_not_block_the_retry(
     recipe = _recipe(tmp_path / "r2.yaml", tiny_roberta_dir, data, tmp_path / "other", max_steps=2)
     _fails(["train", str(recipe)], 2, capsys, "already holds a run")
     assert (tmp_path / "other" / "data.csv").read_text() == "mine"
+    # Nor is a folder holding only a recipe.yaml of the user's taken for a failed start.
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "recipe.yaml").write_text("# the user's own recipe\n")
+    recipe = _recipe(tmp_path / "r3.yaml", tiny_roberta_dir, data, tmp_path / "configs", max_steps=2)
+    _fails(["train", str(recipe)], 2, capsys, "already holds a run")
+    assert (tmp_path / "configs" / "recipe.yaml").read_text() == "# the user's own recipe\n"
 
 
 def test_the_first_signal_asks_and_a_second_ctrl_c_stops_at_once() -> None:

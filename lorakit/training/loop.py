@@ -256,9 +256,12 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
 
 
 def _stop_requested(loop: _Loop, signals: StopSignals) -> int | None:
-    """The signal that asked this run to stop, agreed by every process (all stop after the same step)."""
+    """The signal that asked this run to stop, agreed by every process (all stop after the same step).
+    With several processes that takes a collective, so they compare notes once per log interval only."""
     if loop.acc.num_processes == 1:
         return signals.received
+    if loop.state.step % loop.recipe.train.log_every:
+        return None
     received = torch.tensor(signals.received or 0, device=loop.acc.device)
     return int(loop.acc.reduce(received, "max").item()) or None
 

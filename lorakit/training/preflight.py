@@ -60,8 +60,10 @@ def check_precision(recipe: Recipe, device_type: str) -> None:
 def _failed_start(run_dir: Path) -> bool:
     """A run directory that holds only what a start writes before training (the recipe, the logs; no
     checkpoint, no adapter, no metrics): a start that failed (the hub unreachable, say), which must not
-    block the retry."""
-    return all(p.name in (RECIPE_FILE, "logs") for p in run_dir.iterdir())
+    block the retry. Only lorakit's own names count: a folder of the user's is never taken for one."""
+    if {p.name for p in run_dir.iterdir()} != {RECIPE_FILE, "logs"} or not (run_dir / "logs").is_dir():
+        return False
+    return {p.name for p in (run_dir / "logs").iterdir()} <= {"tensorboard", "train.jsonl"}
 
 
 def run_dir_for(recipe: Recipe, resume: bool) -> Path:
