@@ -144,6 +144,26 @@ def model_config(recipe: Recipe, task: Task | HeadSpec) -> PretrainedConfig:
     return config
 
 
+def check_max_length(recipe: Recipe, config: PretrainedConfig) -> None:
+    """A UserError naming ``task.max_length`` when it is more tokens than the model's position table holds
+    (a run would otherwise fail at its first long row, deep inside the embeddings)."""
+    if getattr(config, "model_type", "") == "deberta-v2" and not getattr(
+        config, "position_biased_input", True
+    ):
+        return  # relative positions only: no absolute table to run past
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(positions, int):
+        return
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        positions -= (getattr(config, "pad_token_id", None) or 0) + 1  # their positions start past the pad id
+    if recipe.task.max_length > positions:
+        raise UserError(
+            f"{recipe.task.max_length} tokens, more than the {positions} positions of "
+            f"{recipe.model.name_or_path!r}",
+            recipe.where("task.max_length"),
+        )
+
+
 def build_model(
     recipe: Recipe, task: Task | HeadSpec, config: PretrainedConfig | None = None
 ) -> PreTrainedModel:
@@ -260,6 +280,7 @@ def prepare_model(recipe: Recipe, task: Task) -> PreparedModel:
         raise UserError("starting from a LoRA adapter needs method: lora", recipe.where("lora.init_from"))
     tokenizer = load_tokenizer(recipe)
     hf_config = model_config(recipe, task)
+    check_max_length(recipe, hf_config)
     if recipe.method == "lora":
         # A dry run on the meta device first: a mistyped target fails in milliseconds, not after
         # gigabytes of weights have been read.

@@ -243,3 +243,14 @@ def test_the_first_signal_asks_and_a_second_ctrl_c_stops_at_once() -> None:
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is before  # handlers restored after training
+
+
+def test_a_max_length_past_the_models_positions_is_refused_before_training(
+    tiny_roberta_dir: Path, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = shared_data / "glue" / "SST-2"
+    recipe = _recipe(tmp_path / "r.yaml", tiny_roberta_dir, data, tmp_path / "run", max_steps=2)
+    # The tiny RoBERTa has 130 positions, 128 of them for tokens (its positions start past the pad id).
+    args = ["train", str(recipe), "--set", "task.max_length=129"]
+    _fails(args, 2, capsys, "task.max_length", "129 tokens, more than the 128 positions")
+    assert main(["train", str(recipe), "--set", "task.max_length=128"]) == 0
