@@ -145,8 +145,11 @@ def model_config(recipe: Recipe, task: Task | HeadSpec) -> PretrainedConfig:
 
 
 def check_max_length(recipe: Recipe, config: PretrainedConfig) -> None:
-    """A UserError naming ``task.max_length`` when it is more tokens than the model's position table holds
-    (a run would otherwise fail at its first long row, deep inside the embeddings)."""
+    """A UserError naming ``task.max_length`` when it was set (in the recipe or by ``--set``) to more tokens
+    than the model's position table holds: a run would otherwise fail at its first long row, deep inside
+    the embeddings. The default is left alone, as before: short rows never reach it."""
+    if "max_length" not in recipe.task.model_fields_set:
+        return
     if getattr(config, "model_type", "") == "deberta-v2" and not getattr(
         config, "position_biased_input", True
     ):
