@@ -150,14 +150,13 @@ def check_max_length(recipe: Recipe, config: PretrainedConfig) -> None:
     the embeddings. The default is left alone, as before: short rows never reach it."""
     if "max_length" not in recipe.task.model_fields_set:
         return
-    if getattr(config, "model_type", "") == "deberta-v2" and not getattr(
-        config, "position_biased_input", True
-    ):
+    model_type = getattr(config, "model_type", "")
+    if model_type == "deberta-v2" and not getattr(config, "position_biased_input", True):
         return  # relative positions only: no absolute table to run past
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if not isinstance(positions, int):
         return
-    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+    if model_type in ("roberta", "xlm-roberta", "camembert"):
         positions -= (getattr(config, "pad_token_id", None) or 0) + 1  # their positions start past the pad id
     if recipe.task.max_length > positions:
         raise UserError(

@@ -132,29 +132,50 @@ def save_tiny_roberta(out: Path, shared_data: Path, **overrides) -> Path:
     return out
 
 
+def write_recipe(
+    path: Path, model_dir: Path, task_name: str, data_dir: Path, out: Path, **sections: dict
+) -> Path:
+    """A small real recipe at ``path`` (64 rows, r = 4); each of ``sections`` updates its section (a dict)
+    or sets a top-level key."""
+    import yaml
+
+    recipe = {
+        "model": {"name_or_path": str(model_dir)},
+        "task": {
+            "name": task_name,
+            "data_dir": str(data_dir),
+            "max_length": 64,
+            "max_train_samples": 64,
+            "max_eval_samples": 32,
+        },
+        "lora": {"r": 4, "alpha": 8},
+        "train": {"epochs": 1, "batch_size": 8, "eval_batch_size": 16, "lr": 1e-3, "log_every": 2},
+        "output_dir": str(out),
+    }
+    for key, values in sections.items():
+        recipe.setdefault(key, {}).update(values) if isinstance(values, dict) else recipe.update(
+            {key: values}
+        )
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
 def train_glue_run(
     out: Path, base: Path, task: str, data_dir: Path, lora: dict, eval_rows: int = 20, steps: int = 4
 ) -> Path:
     """A real ``lorakit train`` run on ``base`` (a few steps on 32 real GLUE rows) into ``out``."""
-    import yaml
-
     from lorakit.cli import main
 
-    recipe = {
-        "model": {"name_or_path": str(base)},
-        "task": {
-            "name": task,
-            "data_dir": str(data_dir),
-            "max_length": 48,
-            "max_train_samples": 32,
-            "max_eval_samples": eval_rows,
-        },
-        "lora": lora,
-        "train": {"max_steps": steps, "batch_size": 8, "eval_batch_size": 8, "lr": 5e-3, "eval_every": steps},
-        "output_dir": str(out),
-    }
-    path = out.with_name(f"{out.name}.yaml")
-    path.write_text(yaml.safe_dump(recipe))
+    path = write_recipe(
+        out.with_name(f"{out.name}.yaml"),
+        base,
+        task,
+        data_dir,
+        out,
+        task={"max_length": 48, "max_train_samples": 32, "max_eval_samples": eval_rows},
+        lora=lora,
+        train={"max_steps": steps, "batch_size": 8, "eval_batch_size": 8, "lr": 5e-3, "eval_every": steps},
+    )
     assert main(["train", str(path)]) == 0
     return out
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import write_recipe
 from safetensors.torch import load_file
 
 from lorakit.cli import main
@@ -23,30 +24,6 @@ GLUE_FOLDERS = {
     "qnli": "QNLI",
     "rte": "RTE",
 }
-
-
-def write_recipe(
-    path: Path, model_dir: Path, task_name: str, data_dir: Path, out: Path, **sections: dict
-) -> Path:
-    recipe = {
-        "model": {"name_or_path": str(model_dir)},
-        "task": {
-            "name": task_name,
-            "data_dir": str(data_dir),
-            "max_length": 64,
-            "max_train_samples": 64,
-            "max_eval_samples": 32,
-        },
-        "lora": {"r": 4, "alpha": 8},
-        "train": {"epochs": 1, "batch_size": 8, "eval_batch_size": 16, "lr": 1e-3, "log_every": 2},
-        "output_dir": str(out),
-    }
-    for key, values in sections.items():
-        recipe.setdefault(key, {}).update(values) if isinstance(values, dict) else recipe.update(
-            {key: values}
-        )
-    path.write_text(yaml.safe_dump(recipe))
-    return path
 
 
 def _head_lines(src: Path, dst: Path, n: int, header: bool = True) -> None:

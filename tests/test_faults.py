@@ -14,22 +14,23 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import write_recipe
 from safetensors.torch import load_file
 
 from lorakit.cli import main
 
 
 def _recipe(path: Path, base: Path, data: Path, out: Path, **train: object) -> Path:
-    recipe = {
-        "model": {"name_or_path": str(base)},
-        "task": {"name": "sst2", "data_dir": str(data), "max_length": 32, "max_train_samples": 256},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {"batch_size": 4, "eval_batch_size": 16, "lr": 1e-3, "log_every": 5, **train},
-        "output_dir": str(out),
-    }
-    recipe["task"]["max_eval_samples"] = 16
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return write_recipe(
+        path,
+        base,
+        "sst2",
+        data,
+        out,
+        task={"max_length": 32, "max_train_samples": 256, "max_eval_samples": 16},
+        lora={"dropout": 0.0},
+        train={"batch_size": 4, "eval_batch_size": 16, "lr": 1e-3, "log_every": 5, **train},
+    )
 
 
 def _step_reached(run: Path, step: int) -> bool:

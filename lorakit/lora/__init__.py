@@ -21,7 +21,7 @@ from lorakit.lora.adapters import (
     mixed_logits,
 )
 from lorakit.lora.config import LoraConfig
-from lorakit.lora.files import BrokenFileError, read_json_object, read_safetensors
+from lorakit.lora.files import BrokenFileError, read_json_object, read_safetensors, safetensors_shapes
 from lorakit.lora.heads import SavedModules
 from lorakit.lora.inject import (
     ParameterCounts,
@@ -58,6 +58,7 @@ __all__ = [
     "BrokenFileError",
     "read_json_object",
     "read_safetensors",
+    "safetensors_shapes",
     "CONFIG_NAME",
     "DEFAULT_ADAPTER",
     "PEFT_PREFIX",

@@ -4,11 +4,14 @@ named with what is wrong with it (``BrokenFileError``), never a bare parser mess
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+T = TypeVar("T")
 
 
 class BrokenFileError(OSError):
@@ -29,12 +32,22 @@ def read_json_object(path: Path) -> dict[str, Any]:
     return value
 
 
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Each tensor's shape in a safetensors file, from its header alone (no tensor is read);
+    BrokenFileError naming it as ``read_safetensors`` does."""
+    return _reading(path, lambda f: {k: list(f.get_slice(k).get_shape()) for k in f.keys()})  # noqa: SIM118
+
+
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors file; BrokenFileError naming it when it is missing, truncated
     or not safetensors."""
+    return _reading(path, lambda f: ({k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}))  # noqa: SIM118
+
+
+def _reading(path: Path, read: Callable[[Any], T]) -> T:
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118
+            return read(f)
     except FileNotFoundError:
         raise BrokenFileError(f"{path}: missing") from None
     except (SafetensorError, OSError) as exc:

@@ -9,16 +9,15 @@ decoding) or a plain PEFT adapter directory, whose base comes from ``--base`` (e
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from safetensors import SafetensorError, safe_open
-
 from lorakit.errors import UserError
-from lorakit.lora import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, BrokenFileError, read_json_object
+from lorakit.lora import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, read_json_object, safetensors_shapes
 from lorakit.runs import RECIPE_FILE
 
 if TYPE_CHECKING:
@@ -65,15 +64,11 @@ def parse_adapter_spec(spec: str) -> tuple[str, Path]:
 
 def _head_width(weights: Path) -> int | None:
     """Output count of the head in an adapter file (its last projection's rows), or None."""
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            keys = [k.removeprefix(PEFT_PREFIX) for k in f.keys()]  # noqa: SIM118
-            for suffix in _HEAD_OUTPUTS:
-                hits = [k for k in keys if k.endswith(suffix) and "lora_" not in k]
-                if hits:
-                    return int(f.get_slice(PEFT_PREFIX + hits[0]).get_shape()[0])
-    except SafetensorError as exc:
-        raise BrokenFileError(f"{weights}: not a readable safetensors file ({exc})") from None
+    shapes = {k.removeprefix(PEFT_PREFIX): shape for k, shape in safetensors_shapes(weights).items()}
+    for suffix in _HEAD_OUTPUTS:
+        hits = [k for k in shapes if k.endswith(suffix) and "lora_" not in k]
+        if hits:
+            return int(shapes[hits[0]][0])
     return None
 
 
@@ -136,11 +131,19 @@ def _fingerprint(base: str) -> dict[str, Any] | None:
     path = Path(base)
     if not (path / "config.json").is_file():
         return None
-    config = json.loads((path / "config.json").read_text())
+    files = [path / "config.json", *sorted(path.glob("*.safetensors")), *sorted(path.glob("*.bin"))]
+    # Keyed on the files' sizes and times: each adapter added is checked against the base, and the base's
+    # weights (gigabytes) are then read once, not once per check.
+    return _digest(tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(files: tuple[tuple[str, int, int], ...]) -> dict[str, Any]:
+    config = json.loads(Path(files[0][0]).read_text())
     keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "n_embd")
     digest = hashlib.sha256()
-    for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-        with weights.open("rb") as f:
+    for name, _, _ in files[1:]:
+        with Path(name).open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return {"shape": {k: config[k] for k in keys if k in config}, "weights": digest.hexdigest()}

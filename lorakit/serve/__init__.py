@@ -59,14 +59,13 @@ def serve(
     except ImportError as exc:
         hint = f"needs the serve extra: pip install 'lorakit[serve]' ({exc})"
         raise UserError(hint, where="lorakit serve") from None
-    from lorakit.predict import MergedPredictor, Predictor, check_one_base, read_sources
+    from lorakit.predict import MergedPredictor, Predictor, read_sources
     from lorakit.serve.batcher import Batcher
 
     _check_options(max_batch_size, max_wait_ms, max_inputs, port, log_level, summary_every)
     if not specs:
         raise UserError("name at least one adapter", where="--adapter")
     sources = list(read_sources(specs, base, None).values())
-    check_one_base(sources, base)  # every adapter checked before the model loads
     predictor = (MergedPredictor if merged else Predictor)(sources, base)
     batcher = Batcher(predictor, max_batch_size, max_wait_ms, summary_every)
     service = Service(predictor, batcher, base, max_inputs)
