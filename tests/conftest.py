@@ -208,6 +208,13 @@ def tiny_roberta_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path
     return save_tiny_roberta(tmp_path_factory.mktemp("tiny-roberta"), shared_data)
 
 
+@pytest.fixture(scope="session")
+def no_dropout_roberta(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    """A tiny RoBERTa without dropout (processes draw their own dropout masks) and the real tokenizer."""
+    out = tmp_path_factory.mktemp("tiny-roberta-no-dropout")
+    return save_tiny_roberta(out, shared_data, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Each test gets a fresh Accelerate singleton state and its own 'latest run' pointer."""

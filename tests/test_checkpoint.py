@@ -11,7 +11,13 @@ from conftest import tiny_roberta
 from safetensors.torch import load_file
 
 from lorakit.lora import LoraConfig, inject_lora, mark_trainable
-from lorakit.training.checkpoint import LoopState, latest_checkpoint, load_checkpoint, save_checkpoint
+from lorakit.training.checkpoint import (
+    LoopState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    trainable_state,
+)
 from lorakit.training.optimization import build_optimizer
 
 
@@ -37,7 +43,7 @@ def test_a_checkpoint_is_safetensors_and_json_and_restores_exactly(tmp_path: Pat
     model, optimizer, scheduler = _trained(0)
     torch.manual_seed(123)
     state = LoopState(step=3, epoch=1, samples_in_epoch=12, global_batch_size=4, best_metric=0.5, best_step=2)
-    path = save_checkpoint(tmp_path, model, optimizer, scheduler, state)
+    path = save_checkpoint(tmp_path, trainable_state(model), optimizer.state_dict(), scheduler, state)
     assert path == latest_checkpoint(tmp_path)
     assert sorted(p.name for p in path.iterdir()) == [
         "loop.json",

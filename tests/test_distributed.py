@@ -8,34 +8,30 @@ batch of each epoch is a partial one).
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
-from conftest import save_tiny_roberta
-from safetensors.torch import load_file
+from processes import (
+    BATCH,
+    FIRST,
+    TOLERANCE,
+    TOTAL,
+    max_difference,
+    one_process,
+    run_outputs,
+    two_processes,
+    write_process_recipe,
+)
 
-from lorakit.cli import main
 from lorakit.recipe import recipe_from_dict
 from lorakit.training.launch import launch_arguments, needs_launch
 from lorakit.training.optimization import global_mean_loss, task_loss
 from lorakit.training.preflight import _LAUNCHER_VARIABLES
 from lorakit.training.sharding import ProcessSlices
-
-REPO = Path(__file__).resolve().parents[1]
-TOLERANCE = 1e-5
-BATCH = 4  # per process with 2 processes; one process gets 2 * BATCH
-# 60 rows make 8 global batches an epoch (the last of 4 rows). The first runs stop at step 10, inside
-# the second epoch, after the partial batch; the resumed ones go on to step 12.
-FIRST, TOTAL = 10, 12
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Slicing global batches
@@ -198,73 +194,6 @@ def test_processes_that_accelerate_does_not_join_up_are_refused(
 
 
 @pytest.fixture(scope="module")
-def no_dropout_roberta(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    """A tiny RoBERTa without dropout (processes draw their own dropout masks) and the real tokenizer."""
-    out = tmp_path_factory.mktemp("tiny-roberta-no-dropout")
-    return save_tiny_roberta(out, shared_data, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-
-
-def _write_recipe(path: Path, model_dir: Path, data_dir: Path, out: Path, processes: int, steps: int) -> Path:
-    recipe = {
-        "model": {"name_or_path": str(model_dir)},
-        # 60 rows: global batches of 8 leave a partial last batch of 4 each epoch. 37 evaluation rows in
-        # batches of 8 leave the second process a short last batch, padded by Accelerate and dropped again.
-        "task": {
-            "name": "sst2",
-            "data_dir": str(data_dir),
-            "max_length": 64,
-            "max_train_samples": 60,
-            "max_eval_samples": 37,
-        },
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {
-            "max_steps": steps,
-            "batch_size": BATCH * 2 // processes,
-            "num_processes": processes,
-            "eval_batch_size": 8,
-            "lr": 2e-3,
-            "log_every": 2,
-            "save_every": FIRST,
-            "eval_every": FIRST,
-            # A constant rate: a run stopped at step 4 and resumed to 8 follows the same schedule.
-            "scheduler": "constant",
-            "warmup_steps": 0,
-        },
-        "output_dir": str(out),
-    }
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-def _two_processes(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in (*_LAUNCHER_VARIABLES, "RANK")}
-    env["OMP_NUM_THREADS"] = "1"  # two processes on a small CI machine
-    return subprocess.run(
-        [sys.executable, "-m", "lorakit", "train", *args, "--num-processes", "2"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def _one_process(*args: str) -> None:
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    assert main(["train", *args]) == 0
-
-
-def _run(path: Path) -> dict:
-    return {
-        "adapter": load_file(path / "final" / "adapter_model.safetensors"),
-        "metrics": json.loads((path / "metrics.json").read_text()),
-    }
-
-
-@pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, no_dropout_roberta: Path, shared_data: Path) -> dict:
     """Five runs: one and two processes for FIRST steps, one process straight to TOTAL steps, and each
     FIRST-step run resumed to TOTAL steps on the other number of processes."""
@@ -274,18 +203,18 @@ def runs(tmp_path_factory: pytest.TempPathFactory, no_dropout_roberta: Path, sha
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LORAKIT_HOME", str(root / "home"))
         for name, processes, steps in (("one", 1, FIRST), ("two", 2, FIRST), ("straight", 1, TOTAL)):
-            recipe = _write_recipe(
+            recipe = write_process_recipe(
                 root / f"{name}.yaml", no_dropout_roberta, data, root / name, processes, steps
             )
             if processes == 2:
-                done = _two_processes(str(recipe))
+                done = two_processes(str(recipe))
                 assert done.returncode == 0, done.stderr[-3000:]
                 out["launch_line"] = next(
                     line for line in done.stderr.splitlines() if "accelerate launch" in line
                 )
             else:
-                _one_process(str(recipe))
-            out[name] = _run(root / name)
+                one_process(str(recipe))
+            out[name] = run_outputs(root / name)
         # Resume a copy of each 4-step run on the other number of processes (keeping the global batch).
         for name, other in (("two", "one"), ("one", "two")):
             shutil.copytree(root / name, root / f"{name}-resumed")
@@ -300,17 +229,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory, no_dropout_roberta: Path, sha
                 f"train.batch_size={BATCH * (2 if other == 'one' else 1)}",
             ]
             if other == "two":
-                done = _two_processes(*args)
+                done = two_processes(*args)
                 assert done.returncode == 0, done.stderr[-3000:]
             else:
-                _one_process(*args, "--set", "train.num_processes=1")
-            out[f"{name}-resumed"] = _run(root / f"{name}-resumed")
+                one_process(*args, "--set", "train.num_processes=1")
+            out[f"{name}-resumed"] = run_outputs(root / f"{name}-resumed")
     return out
-
-
-def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def test_two_processes_with_batch_b_train_the_adapter_of_one_process_with_batch_2b(runs: dict) -> None:
@@ -319,7 +243,7 @@ def test_two_processes_with_batch_b_train_the_adapter_of_one_process_with_batch_
     assert two["metrics"]["num_processes"] == 2 and one["metrics"]["num_processes"] == 1
     # Trained at all (LoRA B starts at zero), and trained alike.
     assert max(v.abs().max().item() for k, v in one["adapter"].items() if "lora_B" in k) > 1e-3
-    assert _max_difference(one["adapter"], two["adapter"]) <= TOLERANCE
+    assert max_difference(one["adapter"], two["adapter"]) <= TOLERANCE
     # Every process saw its own share: 7 global batches of 8 rows, 1 of 4, then 2 of 8; not 8 rows each.
     assert one["metrics"]["train_samples"] == two["metrics"]["train_samples"] == 7 * 8 + 4 + 2 * 8
     for key in ("final", "best", "eval_examples", "global_batch_size"):
@@ -333,12 +257,12 @@ def test_two_processes_with_batch_b_train_the_adapter_of_one_process_with_batch_
 def test_a_checkpoint_resumes_on_another_number_of_processes(runs: dict, written_by: str) -> None:
     resumed, straight = runs[f"{written_by}-resumed"], runs["straight"]
     assert resumed["metrics"]["num_processes"] == (1 if written_by == "two" else 2)
-    assert _max_difference(resumed["adapter"], straight["adapter"]) <= TOLERANCE
+    assert max_difference(resumed["adapter"], straight["adapter"]) <= TOLERANCE
     # The resumed run took up where it stopped: two more global batches of the second epoch.
     assert resumed["metrics"]["train_samples"] == straight["metrics"]["train_samples"] == 60 + 4 * 8
     assert resumed["metrics"]["final"] == straight["metrics"]["final"]
     # Not vacuous: the last two steps moved the adapter.
-    assert _max_difference(runs[written_by]["adapter"], straight["adapter"]) > 100 * TOLERANCE
+    assert max_difference(runs[written_by]["adapter"], straight["adapter"]) > 100 * TOLERANCE
 
 
 def test_a_failed_process_gives_its_exit_status(
@@ -348,9 +272,9 @@ def test_a_failed_process_gives_its_exit_status(
     broken = tmp_path / "model"
     broken.mkdir()
     shutil.copy(no_dropout_roberta / "config.json", broken / "config.json")
-    recipe = _write_recipe(
+    recipe = write_process_recipe(
         tmp_path / "r.yaml", broken, shared_data / "glue" / "SST-2", tmp_path / "run", 2, 2
     )
-    done = _two_processes(str(recipe))
+    done = two_processes(str(recipe))
     assert done.returncode == 2, done.stderr[-3000:]
     assert "model.name_or_path" in done.stderr

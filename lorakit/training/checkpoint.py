@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
-from lorakit.lora import read_json_object, read_safetensors
+from lorakit.lora import WriteFailedError, read_json_object, read_safetensors
+from lorakit.lora.files import write_failure_reason
 
 CHECKPOINTS = "checkpoints"
 _PREFIX = "step-"
@@ -55,34 +57,55 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(
     run_dir: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
     scheduler: Any,
     state: LoopState,
     keep: int = 1,
 ) -> Path:
-    """Write ``checkpoints/step-N`` (complete or not at all) and keep only the newest ``keep``."""
+    """Write ``checkpoints/step-N`` (complete or not at all) and keep only the newest ``keep``.
+
+    ``weights`` are the trainable parameters by name and ``optimizer_state`` the optimizer's state dict,
+    whole (see ``lorakit.training.zero`` for where they come from under DeepSpeed)."""
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_PREFIX}{state.step}"
     tmp = root / f".tmp-{_PREFIX}{state.step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / _WEIGHTS))
-    rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    tensors: dict[str, torch.Tensor] = {}
-    states = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}
-    structure = {name: _to_json(value, name, tensors) for name, value in states.items()}
-    save_file(tensors, str(tmp / _STATE_TENSORS))
-    (tmp / _STATE_JSON).write_text(json.dumps(structure, indent=1))
-    (tmp / _LOOP_JSON).write_text(json.dumps(asdict(state), indent=1))
+    try:
+        _write_checkpoint(tmp, weights, optimizer_state, scheduler, state)
+    except (OSError, SafetensorError) as exc:  # a full disk, a quota: the older checkpoint stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = latest_checkpoint(run_dir)
+        left = f"{kept.name} is intact" if kept else "there is no earlier checkpoint"
+        raise WriteFailedError(
+            f"could not write checkpoint {final}: {write_failure_reason(exc)}; {left}"
+        ) from None
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_checkpoint(
+    tmp: Path,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    scheduler: Any,
+    state: LoopState,
+) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / _WEIGHTS))
+    rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    tensors: dict[str, torch.Tensor] = {}
+    states = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng}
+    structure = {name: _to_json(value, name, tensors) for name, value in states.items()}
+    save_file(tensors, str(tmp / _STATE_TENSORS))
+    (tmp / _STATE_JSON).write_text(json.dumps(structure, indent=1))
+    (tmp / _LOOP_JSON).write_text(json.dumps(asdict(state), indent=1))
 
 
 def _to_json(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -142,12 +165,29 @@ def restore_rng(rng: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> tuple[LoopState, dict[str, Any]]:
-    """Restore a checkpoint into ``model`` (trainable parameters), optimizer and scheduler; returns the
-    loop state and the RNG states, which the loop restores itself at the point where they were saved."""
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds, read back: trainable weights, optimizer, scheduler and RNG states, and
+    where the loop was."""
+
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, Any]
+    loop: LoopState
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """A checkpoint directory's contents; BrokenFileError naming a missing or broken file."""
     weights, _ = read_safetensors(path / _WEIGHTS)
+    tensors, _ = read_safetensors(path / _STATE_TENSORS)
+    states = {k: _from_json(v, tensors) for k, v in read_json_object(path / _STATE_JSON).items()}
+    loop = LoopState(**read_json_object(path / _LOOP_JSON))
+    return Checkpoint(weights, states["optimizer"], states["scheduler"], states["rng"], loop)
+
+
+def load_weights(path: Path, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy a checkpoint's trainable weights into ``model``."""
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
     if missing:
@@ -155,8 +195,15 @@ def load_checkpoint(
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-    tensors, _ = read_safetensors(path / _STATE_TENSORS)
-    states = {k: _from_json(v, tensors) for k, v in read_json_object(path / _STATE_JSON).items()}
-    optimizer.load_state_dict(states["optimizer"])
-    scheduler.load_state_dict(states["scheduler"])
-    return LoopState(**read_json_object(path / _LOOP_JSON)), states["rng"]
+
+
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> tuple[LoopState, dict[str, Any]]:
+    """Restore a checkpoint into ``model`` (trainable parameters), optimizer and scheduler; returns the
+    loop state and the RNG states, which the loop restores itself at the point where they were saved."""
+    ckpt = read_checkpoint(path)
+    load_weights(path, model, ckpt.weights)
+    optimizer.load_state_dict(ckpt.optimizer)
+    scheduler.load_state_dict(ckpt.scheduler)
+    return ckpt.loop, ckpt.rng

@@ -31,10 +31,11 @@ from lorakit.recipe import Recipe, save_recipe
 from lorakit.runs import METRICS_FILE, RECIPE_FILE, record_latest_run, write_json
 from lorakit.tasks import get_task
 from lorakit.tasks.base import Task
+from lorakit.training import zero
 from lorakit.training.checkpoint import (
     LoopState,
     latest_checkpoint,
-    load_checkpoint,
+    read_checkpoint,
     restore_rng,
     save_checkpoint,
 )
@@ -44,6 +45,7 @@ from lorakit.training.preflight import check_precision, check_process_count, run
 from lorakit.training.progress import TrainProgress
 from lorakit.training.reporting import JsonlLog, peak_memory, plot_curves
 from lorakit.training.sharding import sliced_loader
+from lorakit.training.whole_state import checkpoint_state, restore_state, whole_trainables
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +92,8 @@ class _Loop:
         self.recipe, self.run_dir, self.acc = recipe, run_dir, accelerator
         t = recipe.train
         self.task = get_task(recipe.task.name, recipe.task.data_dir)
-        self.prepared = prepare_model(recipe, self.task)
+        with zero.whole_model_loading(accelerator):
+            self.prepared = prepare_model(recipe, self.task)
         if t.mixed_precision != "no":
             float32_trainables(self.prepared.model)
         if t.gradient_checkpointing:
@@ -115,9 +118,12 @@ class _Loop:
         from transformers import get_scheduler
 
         optimizer = build_optimizer(self.prepared.model, t.lr, t.weight_decay)
+        # Parameter names of each optimizer group, in order: checkpoints name Adam's state by them.
+        names = {id(p): n for n, p in self.prepared.model.named_parameters()}
+        self.layout = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
         # The scheduler stays outside accelerator.prepare: prepared, it would step once per process.
         self.scheduler = get_scheduler(_SCHEDULERS[t.scheduler], optimizer, warmup, self.total_steps)
-        _deepspeed_micro_batch(accelerator, t.batch_size)
+        zero.configure(accelerator, t)
         self.model, self.optimizer, self.train_dl = accelerator.prepare(
             self.prepared.model, optimizer, self.train_dl
         )
@@ -135,7 +141,10 @@ class _Loop:
 
     def resume_from(self, ckpt: Path) -> None:
         """Weights, optimizer, scheduler, RNG and position of ``ckpt``, whatever its number of processes."""
-        self.state, rng = load_checkpoint(ckpt, self.unwrapped(), self.optimizer, self.scheduler)
+        saved = read_checkpoint(ckpt)
+        restore_state(self.acc, self.model, self.unwrapped(), self.optimizer, self.layout, ckpt, saved)
+        self.scheduler.load_state_dict(saved.scheduler)
+        self.state, rng = saved.loop, saved.rng
         # Dropout draws from the global generator; dataloaders have their own (see lorakit.data), so
         # restoring it here puts the next step exactly where the uninterrupted run was.
         restore_rng(rng)
@@ -163,8 +172,8 @@ class _Loop:
         main = metrics[self.task.main_metric]
         if _improved(main, self.state.best_metric, self.task.greater_is_better):
             self.state.best_metric, self.state.best_step = main, self.state.step
+            self.save_trained(self.run_dir)
             if self.acc.is_main_process:
-                save_trained(self.prepared, self.unwrapped(), self.recipe, self.task, self.run_dir)
                 # The saved adapter's outputs, in the official scorer's formats for E2E.
                 for es in self.evals:
                     write_predictions(
@@ -175,10 +184,19 @@ class _Loop:
             self.log.write({"event": "eval", **record})
         return metrics
 
+    def save_trained(self, out_dir: Path) -> None:
+        """The adapter (or model) into ``out_dir``, whole whatever the sharding; every process calls it."""
+        with whole_trainables(self.acc, self.model, self.unwrapped()):
+            if self.acc.is_main_process:
+                save_trained(self.prepared, self.unwrapped(), self.recipe, self.task, out_dir)
+
     def checkpoint(self) -> None:
         self.acc.wait_for_everyone()
+        weights, optimizer = checkpoint_state(
+            self.acc, self.model, self.unwrapped(), self.optimizer, self.layout
+        )
         if self.acc.is_main_process:
-            save_checkpoint(self.run_dir, self.unwrapped(), self.optimizer, self.scheduler, self.state)
+            save_checkpoint(self.run_dir, weights, optimizer, self.scheduler, self.state)
         self.acc.wait_for_everyone()
 
 
@@ -198,14 +216,6 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 def _with_batch_size(recipe: Recipe, batch_size: int) -> Recipe:
     return recipe.model_copy(update={"train": recipe.train.model_copy(update={"batch_size": batch_size})})
-
-
-def _deepspeed_micro_batch(accelerator: Accelerator, batch_size: int) -> None:
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    config = getattr(plugin, "deepspeed_config", None)
-    if isinstance(config, dict) and config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-        # Accelerate reads "auto" off the dataloader's batch_size, which a batch sampler leaves unset.
-        config["train_micro_batch_size_per_gpu"] = batch_size
 
 
 def _quiet_libraries() -> None:
@@ -233,6 +243,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
         log_with="tensorboard",
         project_dir=str(run_dir / "logs"),
+        kwargs_handlers=zero.process_group_kwargs(),
     )
     check_process_count(recipe, acc.num_processes)
     check_precision(recipe, acc.device.type)
@@ -248,8 +259,11 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
         record_latest_run(run_dir)
     acc.init_trackers("tensorboard")
     loop = _Loop(recipe, run_dir, acc)
-    if resume:
-        loop.resume_from(latest_checkpoint(run_dir))
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        loop.resume_from(checkpoint)
+    elif resume and acc.is_main_process:
+        logger.warning("%s holds no checkpoint yet: training starts again from step 0", run_dir)
     with StopSignals() as signals:
         _train_epochs(loop, signals)
     return _finish(loop)
@@ -374,9 +388,8 @@ def _finish(loop: _Loop) -> TrainResult:
         "global_batch_size": loop.global_batch,
         **memory,
     }
+    loop.save_trained(loop.run_dir / "final")
     if acc.is_main_process:
-        final_dir = loop.run_dir / "final"
-        save_trained(loop.prepared, loop.unwrapped(), loop.recipe, task, final_dir)
         weights = loop.run_dir / ("adapter_model.safetensors" if loop.prepared.lora_config else "model")
         metrics["adapter_bytes"] = _size_on_disk(weights)
         write_json(loop.run_dir / METRICS_FILE, metrics)
