@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from lorakit.errors import UserError
+from lorakit.lora.files import atomic_write
 
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.json"
@@ -18,16 +18,8 @@ LOG_FILE = "logs/train.jsonl"
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` through a temporary file in the same directory and a rename: readers never see
-    half a file, and a crash leaves the old content in place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    half a file, and a crash or a full disk leaves the old content in place."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_json(path: Path, data: Any) -> None:

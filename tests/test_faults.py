@@ -255,3 +255,60 @@ def test_a_max_length_past_the_models_positions_is_refused_before_training(
     args = ["train", str(recipe), "--set", "task.max_length=129"]
     _fails(args, 2, capsys, "task.max_length", "129 tokens, more than the 128 positions")
     assert main(["train", str(recipe), "--set", "task.max_length=128"]) == 0
+
+
+def _train_with_file_size_limit(recipe: Path, limit: int, *args: str) -> subprocess.CompletedProcess[str]:
+    """``lorakit train`` in a process that may write no file past ``limit`` bytes: the OS fails the write
+    (EFBIG) as it fails one on a full disk (ENOSPC), through the same error path."""
+    import resource
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer outright
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", "train", str(recipe), *args],
+        preexec_fn=limited,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    ("limit", "named", "kept"),
+    [
+        # r = 64: the adapter is ~72 KB and the checkpoint's Adam state ~150 KB (a 100 KB limit stops
+        # the checkpoint only; 50 KB stops the first adapter).
+        (100_000, "checkpoints/step-2: ", "there is no earlier checkpoint"),
+        (50_000, "adapter_model.safetensors: ", "nothing was written"),
+    ],
+)
+def test_a_write_that_fails_names_the_file_leaves_nothing_half_written_and_the_run_resumes(
+    tmp_path: Path, tiny_roberta_dir: Path, shared_data: Path, limit: int, named: str, kept: str
+) -> None:
+    data = shared_data / "glue" / "SST-2"
+    run = tmp_path / "run"
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tiny_roberta_dir,
+        "sst2",
+        data,
+        run,
+        task={"max_length": 32, "max_train_samples": 64, "max_eval_samples": 16},
+        lora={"r": 64, "alpha": 64},
+        train={"batch_size": 4, "max_steps": 4, "save_every": 2, "eval_every": 2, "log_every": 1},
+    )
+    done = _train_with_file_size_limit(recipe, limit)
+    assert done.returncode == 1, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("lorakit")]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "could not write" in lines[0] and named in lines[0] and kept in lines[0], lines[0]
+    assert "File too large" in lines[0]  # the OS's reason, not a library's wrapper text
+    leftovers = [p for p in run.rglob("*") if p.name.startswith(".") and ".tmp" in p.name]
+    assert leftovers == [] and not (run / "checkpoints" / "step-2").exists()
+    # With room again, --resume takes the unfinished run on (from step 0: it has no checkpoint).
+    done = _train_with_file_size_limit(recipe, 1 << 30, "--resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((run / "metrics.json").read_text())["train_steps"] == 4
+    assert load_file(run / "final" / "adapter_model.safetensors")

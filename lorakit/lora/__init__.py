@@ -21,7 +21,14 @@ from lorakit.lora.adapters import (
     mixed_logits,
 )
 from lorakit.lora.config import LoraConfig
-from lorakit.lora.files import BrokenFileError, read_json_object, read_safetensors, safetensors_shapes
+from lorakit.lora.files import (
+    BrokenFileError,
+    WriteFailedError,
+    atomic_write,
+    read_json_object,
+    read_safetensors,
+    safetensors_shapes,
+)
 from lorakit.lora.heads import SavedModules
 from lorakit.lora.inject import (
     ParameterCounts,
@@ -56,6 +63,8 @@ from lorakit.lora.presets import fused_slices, paper_targets, seq_cls_heads
 
 __all__ = [
     "BrokenFileError",
+    "WriteFailedError",
+    "atomic_write",
     "read_json_object",
     "read_safetensors",
     "safetensors_shapes",

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lorakit.lora.files import read_json_object, read_safetensors
+from lorakit.lora.files import atomic_write, read_json_object, read_safetensors
 from lorakit.lora.heads import SavedModules
 from lorakit.lora.inject import (
     LoraConfig,
@@ -171,18 +169,6 @@ def adapter_config_dict(
     }
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same directory, then rename: never half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_adapter_files(
     out_dir: str | Path,
     tensors: Mapping[str, torch.Tensor],
@@ -193,12 +179,12 @@ def write_adapter_files(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", **(metadata or {})}
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(dict(tensors), p, metadata=meta))
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(dict(tensors), p, metadata=meta))
 
     def write_json(p: str) -> None:
         Path(p).write_text(json.dumps(dict(config_dict), indent=2, sort_keys=True) + "\n")
 
-    _atomic_write(out / CONFIG_NAME, write_json)
+    atomic_write(out / CONFIG_NAME, write_json)
     return out
 
 

@@ -1,9 +1,13 @@
-"""Reading the files an adapter or checkpoint is made of, so that a missing, truncated or corrupt one is
-named with what is wrong with it (``BrokenFileError``), never a bare parser message."""
+"""Reading and writing the files an adapter or checkpoint is made of. A missing, truncated or corrupt file
+is named with what is wrong with it (``BrokenFileError``), never a bare parser message; a write that fails
+(a full disk, a quota) names the file it was writing (``WriteFailedError``) and leaves the old file, if
+any, in place: writes go through a temporary file and a rename."""
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,6 +21,36 @@ T = TypeVar("T")
 class BrokenFileError(OSError):
     """A file that should be there and readable is missing, truncated or not what its name says; the
     message names the file and what is wrong with it."""
+
+
+class WriteFailedError(OSError):
+    """Writing a file failed (no space left, a quota, a read-only disk); the message names the file, and
+    what was there before is unchanged."""
+
+
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
+    """Call ``write`` on a temporary file beside ``path``, then rename it to ``path``: readers never see half
+    a file, and a failure leaves the old content in place (WriteFailedError naming ``path``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as exc:
+        Path(tmp).unlink(missing_ok=True)
+        kept = "the old file is unchanged" if path.exists() else "nothing was written"
+        raise WriteFailedError(f"could not write {path}: {write_failure_reason(exc)}; {kept}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_failure_reason(exc: BaseException) -> str:
+    """The OS's words for a failed write (safetensors wraps them in its own message)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc).removeprefix("Error while serializing: ")
 
 
 def read_json_object(path: Path) -> dict[str, Any]:

@@ -13,11 +13,11 @@ has the references of one input per line, with a blank line between inputs.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from lorakit.errors import UserError
+from lorakit.lora.files import atomic_write
 from lorakit.scoring.bleu_nist import corpus_bleu, corpus_nist
 from lorakit.scoring.java import ptb_tokenize
 from lorakit.scoring.meteor import Meteor
@@ -113,15 +113,7 @@ def read_references(path: str | os.PathLike[str]) -> list[list[str]]:
 
 
 def _write_atomically(path: str | os.PathLike[str], text: str) -> None:
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8", newline="\n"))
 
 
 def _one_line(text: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lorakit.errors import UserError
 from lorakit.recipe import Recipe
-from lorakit.runs import RECIPE_FILE
+from lorakit.runs import METRICS_FILE, RECIPE_FILE
 from lorakit.training.checkpoint import latest_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def run_dir_for(recipe: Recipe, resume: bool) -> Path:
     run finds another run there."""
     run_dir = Path(recipe.output_dir)
     if resume:
-        if latest_checkpoint(run_dir) is None:
+        if latest_checkpoint(run_dir) is None and not _unfinished(run_dir):
             raise UserError(f"no checkpoint to resume from in {run_dir / 'checkpoints'}", where="--resume")
     elif run_dir.exists() and any(run_dir.iterdir()) and not _failed_start(run_dir):
         raise UserError(
@@ -79,6 +79,12 @@ def run_dir_for(recipe: Recipe, resume: bool) -> Path:
             where=recipe.where("output_dir"),
         )
     return run_dir
+
+
+def _unfinished(run_dir: Path) -> bool:
+    """A lorakit run that stopped before its first checkpoint (a full disk at the first save, say):
+    ``--resume`` starts it again from step 0 rather than leaving no way on but deleting it."""
+    return (run_dir / RECIPE_FILE).is_file() and not (run_dir / METRICS_FILE).exists()
 
 
 def check_process_count(recipe: Recipe, num_processes: int) -> None:
