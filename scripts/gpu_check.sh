@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA device, which CI lacks: the CUDA-marked tests (LoRA weights on the model's
-# device, float32 LoRA under bf16 and fp16 autocast, peak memory reset at the start of a run), then a
+# device, float32 LoRA under bf16 and fp16 autocast, peak memory reset at the start of a run, FSDP through
+# configs/distributed/fsdp.yaml against a plain run: tests/test_fsdp.py), then a
 # short bf16 benchmark of LoRA against full fine-tuning on a roberta-base-shaped model.
 #
 #   scripts/gpu_check.sh              # STEPS=50 scripts/gpu_check.sh for steadier throughput figures

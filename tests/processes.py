@@ -63,17 +63,23 @@ def write_process_recipe(
     return path
 
 
-def two_processes(*args: str) -> subprocess.CompletedProcess[str]:
+def launched(*args: str, processes: int = 2) -> subprocess.CompletedProcess[str]:
+    """``lorakit train ARGS --num-processes N`` as a user runs it: it launches the processes itself."""
     env = {k: v for k, v in os.environ.items() if k not in (*_LAUNCHER_VARIABLES, "RANK")}
-    env["OMP_NUM_THREADS"] = "1"  # two processes on a small CI machine
+    env["OMP_NUM_THREADS"] = "1"  # several processes on a small CI machine
     return subprocess.run(
-        [sys.executable, "-m", "lorakit", "train", *args, "--num-processes", "2"],
+        [sys.executable, "-m", "lorakit", "train", *args, "--num-processes", str(processes)],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+def two_processes(*args: str) -> subprocess.CompletedProcess[str]:
+    """``lorakit train ARGS --num-processes 2``."""
+    return launched(*args, processes=2)
 
 
 def one_process(*args: str) -> None:

@@ -8,7 +8,12 @@ batch of each epoch is a partial one).
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +23,7 @@ import yaml
 from processes import (
     BATCH,
     FIRST,
+    REPO,
     TOLERANCE,
     TOTAL,
     max_difference,
@@ -278,3 +284,45 @@ def test_a_failed_process_gives_its_exit_status(
     done = two_processes(str(recipe))
     assert done.returncode == 2, done.stderr[-3000:]
     assert "model.name_or_path" in done.stderr
+
+
+def test_sigterm_stops_every_process_after_the_same_step_and_the_run_resumes_exactly(
+    tmp_path: Path, no_dropout_roberta: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a scheduler does: SIGTERM to the `lorakit train` it started. Every process finishes the step,
+    they agree on where to stop, one checkpoint is written, one message shown, the status is 143; the
+    run then resumes (here on one process with the same global batch) to the uninterrupted adapter."""
+    monkeypatch.setenv("LORAKIT_HOME", str(tmp_path / "home"))
+    data, steps = shared_data / "glue" / "SST-2", 60
+    train = {"save_every": None, "eval_every": steps, "log_every": 5}
+    recipe = write_process_recipe(
+        tmp_path / "r.yaml", no_dropout_roberta, data, tmp_path / "run", 2, steps, **train
+    )
+    env = {k: v for k, v in os.environ.items() if k not in (*_LAUNCHER_VARIABLES, "RANK")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lorakit", "train", str(recipe)],
+        cwd=REPO,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log, deadline = tmp_path / "run" / "logs" / "train.jsonl", time.monotonic() + 180
+    while not (log.is_file() and '"step": 10,' in log.read_text()):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=180)
+    assert process.returncode == 143, err[-3000:]
+    told = [line for line in err.splitlines() if "stopped by SIGTERM after step" in line]
+    assert len(told) == 1, err[-3000:]
+    step = int(told[0].split("after step ")[1].split()[0])
+    assert 10 <= step < steps and step % 5 == 0  # processes compare notes once per log interval
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == [f"step-{step}"]
+
+    one = ["--set", "train.num_processes=1", "--set", f"train.batch_size={2 * BATCH}"]
+    one_process(str(recipe), "--resume", *one)
+    one_process(str(recipe), "--output-dir", str(tmp_path / "straight"), *one)
+    resumed, straight = run_outputs(tmp_path / "run"), run_outputs(tmp_path / "straight")
+    assert max_difference(resumed["adapter"], straight["adapter"]) <= TOLERANCE

@@ -23,7 +23,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 
 from lorakit.data.loaders import EvalSet, eval_sets, train_loader
-from lorakit.errors import UserError
+from lorakit.errors import Interrupted, UserError
 from lorakit.evaluation import evaluate, write_predictions
 from lorakit.lora import save_adapter
 from lorakit.models import PreparedModel, prepare_model
@@ -345,7 +345,9 @@ def _train_epochs(loop: _Loop, signals: StopSignals) -> None:
                     if not saved:
                         loop.checkpoint()
                     where = str(latest_checkpoint(loop.run_dir))
-                    raise interrupted(signum, state.step, loop.total_steps, where, loop.recipe.source)
+                    stop = interrupted(signum, state.step, loop.total_steps, where, loop.recipe.source)
+                    # The main process tells; the others of a multi-process run stop with the same status.
+                    raise stop if acc.is_main_process else Interrupted("", stop.exit_status)
             state.train_seconds += time.perf_counter() - tick
             if done < len(loop.train_dl):
                 break  # max_steps reached mid-epoch; _finish evaluates the final state
