@@ -214,6 +214,7 @@ class TrainSection(_Section):
     log_every: Int = Field(10, gt=0)
     num_processes: Int = Field(1, ge=1)
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model; its graph breaks are reported in metrics.json
     group_by_length: bool = True
     distributed: ExistingFile | None = None  # an Accelerate config file
 

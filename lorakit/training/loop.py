@@ -39,6 +39,7 @@ from lorakit.training.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from lorakit.training.execution import compile_model, compile_report, enable_gradient_checkpointing
 from lorakit.training.optimization import build_optimizer, float32_trainables, global_mean_loss
 from lorakit.training.preemption import StopSignals, interrupted
 from lorakit.training.preflight import check_precision, check_process_count, run_dir_for
@@ -98,6 +99,8 @@ class _Loop:
             float32_trainables(self.prepared.model)
         if t.gradient_checkpointing:
             enable_gradient_checkpointing(self.prepared.model)
+        if t.compile:
+            compile_model(self.prepared.model)
         tokenizer = self.prepared.tokenizer
         n = accelerator.num_processes
         self.global_batch = t.batch_size * n
@@ -198,20 +201,6 @@ class _Loop:
         if self.acc.is_main_process:
             save_checkpoint(self.run_dir, weights, optimizer, self.scheduler, self.state)
         self.acc.wait_for_everyone()
-
-
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Recompute each block's activations in the backward pass instead of keeping them.
-
-    Non-reentrant checkpointing: the reentrant kind passes gradients only through blocks whose inputs
-    require them, and with LoRA every block input comes from frozen layers, so LoRA weights would get
-    none unless the embeddings' output were made to require a gradient it does not need.
-    """
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 renamed it
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _with_batch_size(recipe: Recipe, batch_size: int) -> Recipe:
@@ -388,6 +377,7 @@ def _finish(loop: _Loop) -> TrainResult:
         "train_samples_per_second": state.samples_seen / max(state.train_seconds, 1e-9),
         "num_processes": acc.num_processes,
         "global_batch_size": loop.global_batch,
+        **({"compile": compile_report()} if loop.recipe.train.compile else {}),
         **memory,
     }
     loop.save_trained(loop.run_dir / "final")
