@@ -34,9 +34,6 @@ if TYPE_CHECKING:
 RAW = "none"  # --task value: use inputs as prompts unchanged
 # A literal --input with one of these endings (and no spaces) is taken for a missing file, not a text.
 _FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv")
-# Keys that matter to training only and that recipe validation checks on disk: a run whose data or
-# starting adapter has since moved still generates.
-_TRAINING_ONLY = ("task.data_dir=null", "lora.init_from=null", "train.distributed=null")
 
 
 @dataclass
@@ -144,12 +141,12 @@ def build_prompts(inputs: list[Input], task: str | None) -> list[str]:
 
 
 def _load_recipe(path: Path) -> Recipe:
-    from lorakit.recipe import load_recipe
+    from lorakit.recipe import load_trained_recipe
     from lorakit.tasks import GENERATION_NAMES
 
     if not path.is_file():
         raise UserError("recipe file not found", where=str(path))
-    recipe = load_recipe(path, _TRAINING_ONLY)
+    recipe = load_trained_recipe(path)
     if recipe.task.name not in GENERATION_NAMES:
         raise UserError(
             f"generation needs a generation task ({', '.join(GENERATION_NAMES)}), not {recipe.task.name}",

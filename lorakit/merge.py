@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from lorakit.errors import UserError
 from lorakit.lora import unload_lora
+from lorakit.outputs import check_out, write_dir
 from lorakit.runs import write_json
 
 # Written into every merged directory: what makes a later merge into it a replacement, not a deletion.
@@ -28,43 +26,19 @@ def merge_run(run_dir: Path, out_dir: Path) -> Path:
     from lorakit.tasks import get_task
 
     out_dir = Path(out_dir)
-    _check_out(out_dir)  # before anything loads
+    check_out(out_dir, MERGE_MARKER, "merge")  # before anything loads
     recipe = load_recipe(run_dir / "recipe.yaml")
     if recipe.method != "lora":
         raise UserError(f"{run_dir} is a full fine-tuning run: its model/ directory is already a plain model")
     task = get_task(recipe.task.name, recipe.task.data_dir)
     prepared = load_trained(run_dir, recipe, task)
     model = unload_lora(prepared.model, merge=True)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh name beside the target: nothing of the user's is ever reused as scratch space.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         prepared.tokenizer.save_pretrained(tmp)
-        write_json(tmp / MERGE_MARKER, {"merged_from": str(run_dir), "base": recipe.model.name_or_path})
-        if out_dir.exists():  # an earlier merge (checked above): out of the way, then the new one in
-            old = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
-            out_dir.rename(old)
-            try:
-                tmp.rename(out_dir)
-            except OSError:
-                old.rename(out_dir)  # the earlier merge back in place: nothing lost
-                raise
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        marker = {"lorakit": "merge", "merged_from": str(run_dir), "base": recipe.model.name_or_path}
+        write_json(tmp / MERGE_MARKER, marker)
+
+    write_dir(out_dir, fill)
     return out_dir
-
-
-def _check_out(out_dir: Path) -> None:
-    """Refuse an ``--out`` that is a file, or a non-empty directory lorakit's merge did not write."""
-    if out_dir.is_file():
-        raise UserError(f"{out_dir} is a file, not a directory", where="--out")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MERGE_MARKER).is_file():
-        raise UserError(
-            f"{out_dir} holds files lorakit did not write (no {MERGE_MARKER}): "
-            "choose an empty or new directory",
-            where="--out",
-        )

@@ -169,6 +169,11 @@ def adapter_config_dict(
     }
 
 
+def fused_metadata(fused: Mapping[str, Any]) -> dict[str, str] | None:
+    """The safetensors header entry that records fused-slice layouts (None when there are none)."""
+    return {_FUSED_METADATA_KEY: json.dumps(dict(fused))} if fused else None
+
+
 def write_adapter_files(
     out_dir: str | Path,
     tensors: Mapping[str, torch.Tensor],
@@ -200,7 +205,7 @@ def save_adapter(
     in PEFT's format; returns the dir."""
     tensors, fused = adapter_tensors(model, config, adapter)
     cfg = adapter_config_dict(model, config, base_model_name_or_path, task_type, adapter)
-    meta = {_FUSED_METADATA_KEY: json.dumps(fused)} if fused else None
+    meta = fused_metadata(fused)
     return write_adapter_files(out_dir, tensors, cfg, meta)
 
 

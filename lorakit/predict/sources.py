@@ -23,9 +23,6 @@ from lorakit.runs import RECIPE_FILE
 if TYPE_CHECKING:
     from lorakit.recipe import Recipe
 
-# Keys that matter to training only and that recipe validation checks on disk: a run whose data or
-# starting adapter has since moved still predicts.
-TRAINING_ONLY = ("task.data_dir=null", "lora.init_from=null", "train.distributed=null")
 _HEAD_OUTPUTS = ("out_proj.weight", "classifier.weight", "score.weight")
 
 
@@ -77,7 +74,7 @@ def read_source(
 ) -> AdapterSource:
     """What ``--adapter NAME=DIR`` serves; UserError (exit 2) for a directory that is not an adapter.
     ``where`` names the source in errors (default: the option as given)."""
-    from lorakit.recipe import load_recipe
+    from lorakit.recipe import load_trained_recipe
     from lorakit.tasks import get_task
 
     name, path = parse_adapter_spec(spec)
@@ -89,7 +86,7 @@ def read_source(
         raise UserError(f"{what} ({WEIGHTS_NAME} and {CONFIG_NAME})", where)
     width = _head_width(path / WEIGHTS_NAME)
     if (path / RECIPE_FILE).is_file():
-        recipe = load_recipe(path / RECIPE_FILE, TRAINING_ONLY)
+        recipe = load_trained_recipe(path / RECIPE_FILE)
         task = get_task(recipe.task.name)
         kind = task.kind
         return AdapterSource(

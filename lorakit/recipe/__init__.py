@@ -4,7 +4,7 @@
 ``--set`` overrides and one-line errors that name the file and key.
 """
 
-from lorakit.recipe.loading import load_recipe, recipe_from_dict, save_recipe
+from lorakit.recipe.loading import load_recipe, load_trained_recipe, recipe_from_dict, save_recipe
 from lorakit.recipe.schema import (
     GenerationSection,
     LoraSection,
@@ -22,6 +22,7 @@ __all__ = [
     "TaskSection",
     "TrainSection",
     "load_recipe",
+    "load_trained_recipe",
     "recipe_from_dict",
     "save_recipe",
 ]

@@ -230,3 +230,14 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# Keys that matter to training only and that validation checks on disk (data files, a starting adapter,
+# an Accelerate config): a trained run whose files have moved since is still read for its weights.
+_TRAINING_ONLY = ("task.data_dir=null", "lora.init_from=null", "train.distributed=null")
+
+
+def load_trained_recipe(path: str | Path) -> Recipe:
+    """The recipe of a trained run, for using its adapter (predict, serve, generate, analyze): training's
+    own paths are dropped, so data or configs that have moved since do not stop it."""
+    return load_recipe(path, _TRAINING_ONLY)
