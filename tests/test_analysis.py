@@ -290,3 +290,29 @@ def test_a_plain_peft_adapter_is_read_with_its_recorded_base(tiny_roberta_dir: P
         @ tensors[f"{PREFIX}{name}.lora_A.weight"]
     )
     _check_module(data["modules"][name], delta, base[f"{name}.weight"].astype(np.float64), 4)
+
+
+def test_an_embedding_pair_is_analyzed_and_resized_as_its_merged_update(tmp_path: Path) -> None:
+    """LoRA on GPT-2's token embedding: ΔW laid out (out, in) = (dim, vocabulary), as merging applies it
+    transposed into the (vocabulary, dim) table; resize keeps its top directions with the tail error."""
+    model = tiny_gpt2()
+    model.save_pretrained(tmp_path / "base")
+    base = copy.deepcopy(model)
+    config = LoraConfig(r=4, alpha=8, target_modules=["wte"])
+    inject_lora(model, config)
+    randomize_lora(model, seed=5)
+    save_adapter(model, tmp_path / "adapter", config, str(tmp_path / "base"), "CAUSAL_LM")
+    merged = unload_lora(copy.deepcopy(model), merge=True).state_dict()
+    assert main(["analyze", str(tmp_path / "adapter"), "--out", str(tmp_path / "out")]) == 0
+    data = json.loads((tmp_path / "out" / "analysis.json").read_text())
+    assert list(data["modules"]) == ["transformer.wte"]
+    w0 = base.state_dict()["transformer.wte.weight"].double().numpy().T
+    delta = merged["transformer.wte.weight"].double().numpy().T - w0
+    _check_module(data["modules"]["transformer.wte"], delta, w0, 4)
+
+    assert main(["resize", str(tmp_path / "adapter"), "--rank", "2", "--out", str(tmp_path / "r2")]) == 0
+    report = json.loads((tmp_path / "r2" / "resize.json").read_text())["modules"]["transformer.wte"]
+    s = _np_svd(delta)[1]
+    assert report["relative_error"] == pytest.approx(np.sqrt((s[2:] ** 2).sum() / (s**2).sum()), rel=1e-6)
+    tensors = load_file(tmp_path / "r2" / "adapter_model.safetensors")
+    assert tensors[f"{PREFIX}transformer.wte.lora_embedding_A"].shape[0] == 2
