@@ -269,6 +269,86 @@ def serve(
     )
 
 
+@app.command()
+def analyze(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory or a PEFT adapter directory.")],
+    compare: Annotated[
+        Path | None, typer.Option("--compare", help="A second run: subspace similarity of the two lora_A.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Directory for the report (default: RUN_DIR/analysis).")
+    ] = None,
+) -> None:
+    """Study an adapter as the paper's section 7: ΔW's spectrum, ΔW against W0, subspace similarity.
+
+    Writes analysis.json, analysis.md and PNG plots; --compare adds the φ(i, j) grid of the two runs.
+    """
+    from lorakit.analysis.analyze import analyze as run_analysis
+    from lorakit.analysis.analyze import summary_lines
+
+    result = run_analysis(run_dir, compare, out)
+    for line in summary_lines(result.data):
+        console.print(line, highlight=False, soft_wrap=True)
+    console.print(f"analysis written to {result.out}", soft_wrap=True)
+
+
+@app.command()
+def resize(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory or a PEFT adapter directory.")],
+    rank: Annotated[int | None, typer.Option("--rank", help="Keep the top K directions of each ΔW.")] = None,
+    energy: Annotated[
+        float | None,
+        typer.Option("--energy", help="Keep, per module, the fewest directions holding this share of ‖ΔW‖²."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Directory for the new adapter (default: RUN_DIR-r{K} or RUN_DIR-e{E})."),
+    ] = None,
+) -> None:
+    """Truncate each module's ΔW to its best rank-K approximation and write it as a new adapter.
+
+    A PEFT-format adapter with the recipe beside it (eval, merge and PEFT load it); each module's relative
+    Frobenius error is printed and saved in resize.json.
+    """
+    from lorakit.analysis.resize import resize as run_resize
+
+    result = run_resize(run_dir, rank, energy, out)
+    for name, rec in result.data["modules"].items():
+        console.print(
+            f"{name}: r {rec['rank_before']} -> {rec['rank']}, relative error {rec['relative_error']:.4g}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    console.print(f"resized adapter written to {result.out}", soft_wrap=True)
+
+
+@app.command()
+def sweep(
+    sweep_file: Annotated[Path, typer.Argument(metavar="SWEEP.yaml", help="A base recipe plus a grid.")],
+    jobs: Annotated[int, typer.Option("--jobs", min=1, help="Points trained at once (subprocesses).")] = 1,
+    rows: Annotated[str | None, typer.Option("--rows", help="Grid key down sweep.md's table.")] = None,
+    cols: Annotated[str | None, typer.Option("--cols", help="Grid key across sweep.md's table.")] = None,
+    output_dir: Annotated[
+        str | None, typer.Option("--output-dir", help="The sweep's root (default: the file's output_dir).")
+    ] = None,
+    set_: SetOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the points and train nothing.")] = False,
+) -> None:
+    """Train every point of a grid over a recipe (finished points are reused, interrupted ones resumed);
+    writes sweep.json, sweep.csv and sweep.md. Exit 1 when a point failed (the others still run)."""
+    from lorakit.analysis.sweep import load_sweep, plan_lines
+    from lorakit.analysis.sweep_run import run_sweep
+
+    loaded = load_sweep(sweep_file, list(set_ or []), output_dir, rows, cols)
+    if dry_run:
+        for line in plan_lines(loaded):
+            console.print(line, highlight=False, soft_wrap=True)
+        return
+    records = run_sweep(loaded, jobs, console)
+    if any(r["status"] != "done" for r in records):
+        raise typer.Exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the Typer app and turns errors into one line and an exit status."""
     err = Console(stderr=True)
@@ -284,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"[red]lorakit: error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except Interrupted as exc:
-        err.print(f"[yellow]lorakit:[/yellow] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        if str(exc):  # empty in the other processes of a multi-process run: the main one tells
+            err.print(f"[yellow]lorakit:[/yellow] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_status
     except KeyboardInterrupt:
         err.print("lorakit: interrupted")

@@ -312,3 +312,28 @@ def test_a_write_that_fails_names_the_file_leaves_nothing_half_written_and_the_r
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((run / "metrics.json").read_text())["train_steps"] == 4
     assert load_file(run / "final" / "adapter_model.safetensors")
+
+
+def test_a_signal_during_the_final_evaluation_completes_the_run_and_still_stops(
+    tmp_path: Path, tiny_roberta_dir: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Ctrl-C after the last step (a sweep's user stopping it): the run finishes writing, and the exit
+    status says it was stopped, so a sweep or script does not go on to the next run."""
+    import lorakit.training.loop as loop_module
+
+    monkeypatch.setenv("LORAKIT_HOME", str(tmp_path / "home"))
+    data = shared_data / "glue" / "SST-2"
+    recipe = _recipe(tmp_path / "r.yaml", tiny_roberta_dir, data, tmp_path / "run", max_steps=2)
+    real_finish = loop_module._finish
+
+    def finish_after_ctrl_c(loop):
+        os.kill(os.getpid(), signal.SIGINT)  # a real signal, caught by the run's handler
+        return real_finish(loop)
+
+    monkeypatch.setattr(loop_module, "_finish", finish_after_ctrl_c)
+    capsys.readouterr()
+    assert main(["train", str(recipe)]) == 130
+    err = capsys.readouterr().err
+    assert "SIGINT received as the run ended" in err and "Traceback" not in err
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["train_steps"] == 2
+    assert load_file(tmp_path / "run" / "final" / "adapter_model.safetensors")

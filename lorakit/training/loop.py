@@ -41,7 +41,7 @@ from lorakit.training.checkpoint import (
 )
 from lorakit.training.execution import compile_model, compile_report, enable_gradient_checkpointing
 from lorakit.training.optimization import build_optimizer, float32_trainables, global_mean_loss
-from lorakit.training.preemption import StopSignals, interrupted
+from lorakit.training.preemption import StopSignals, interrupted, interrupted_at_the_end
 from lorakit.training.preflight import check_precision, check_process_count, run_dir_for
 from lorakit.training.progress import TrainProgress
 from lorakit.training.reporting import JsonlLog, peak_memory, plot_curves
@@ -255,7 +255,11 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
         logger.warning("%s holds no checkpoint yet: training starts again from step 0", run_dir)
     with StopSignals() as signals:
         _train_epochs(loop, signals)
-    return _finish(loop)
+        result = _finish(loop)
+    if signals.received is not None:  # after the last step: nothing left to stop, but the caller is told
+        stop = interrupted_at_the_end(signals.received, str(run_dir))
+        raise stop if acc.is_main_process else Interrupted("", stop.exit_status)
+    return result
 
 
 def _stop_requested(loop: _Loop, signals: StopSignals) -> int | None:

@@ -48,3 +48,12 @@ def interrupted(signum: int, step: int, total: int, checkpoint: str, recipe_sour
         f"with the same command and --resume: lorakit train {recipe_source} [your options] --resume",
         exit_status=128 + signum,
     )
+
+
+def interrupted_at_the_end(signum: int, run_dir: str) -> Interrupted:
+    """The error for a stop signal that came after the last step (during the final evaluation or the
+    saving): the run is complete and written, and the caller (a sweep, a script) still learns of the stop."""
+    name = signal.Signals(signum).name
+    return Interrupted(
+        f"{name} received as the run ended: it is complete in {run_dir}; stopping here", 128 + signum
+    )
