@@ -218,21 +218,29 @@ def test_analysis_json_of_a_real_run_matches_numpy(
     assert not (out / "subspace_similarity.png").exists()
 
 
+def _analyzed_gpt2_adapter(
+    model: torch.nn.Module, config: LoraConfig, tmp_path: Path, seed: int
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor], dict]:
+    """A random LoRA adapter on ``model`` saved to tmp_path/adapter (base beside it) and analyzed into
+    tmp_path/out: (the base model, the merged state dict, analysis.json)."""
+    model.save_pretrained(tmp_path / "base")
+    base = copy.deepcopy(model)
+    inject_lora(model, config)
+    randomize_lora(model, seed=seed)
+    save_adapter(model, tmp_path / "adapter", config, str(tmp_path / "base"), "CAUSAL_LM")
+    merged = unload_lora(copy.deepcopy(model), merge=True).state_dict()
+    assert main(["analyze", str(tmp_path / "adapter"), "--out", str(tmp_path / "out")]) == 0
+    return base, merged, json.loads((tmp_path / "out" / "analysis.json").read_text())
+
+
 def test_gpt2_fused_slices_and_conv1d_match_the_merged_update(tmp_path: Path) -> None:
     """A tiny GPT-2 adapter on c_attn[q, v] (fused, Conv1D) and c_proj (Conv1D): each slice is its own
     module, with ΔW and W0 (out, in) exactly as merging applies them (merged weight minus base)."""
     model = tiny_gpt2()
-    model.save_pretrained(tmp_path / "base")
-    base = copy.deepcopy(model)
     config = LoraConfig(
         r=3, alpha=6, target_modules=["c_attn[q,v]", "attn.c_proj"], fused_slices={"c_attn": ("q", "k", "v")}
     )
-    inject_lora(model, config)
-    randomize_lora(model, seed=4)
-    save_adapter(model, tmp_path / "adapter", config, str(tmp_path / "base"), "CAUSAL_LM")
-    merged = unload_lora(copy.deepcopy(model), merge=True).state_dict()
-    assert main(["analyze", str(tmp_path / "adapter"), "--out", str(tmp_path / "out")]) == 0
-    data = json.loads((tmp_path / "out" / "analysis.json").read_text())
+    base, merged, data = _analyzed_gpt2_adapter(model, config, tmp_path, seed=4)
     expected = [f"transformer.h.{i}.attn.{m}" for i in range(2) for m in ("c_attn[q]", "c_attn[v]", "c_proj")]
     assert sorted(data["modules"]) == sorted(expected)
     w_base = base.state_dict()
@@ -295,16 +303,8 @@ def test_a_plain_peft_adapter_is_read_with_its_recorded_base(tiny_roberta_dir: P
 def test_an_embedding_pair_is_analyzed_and_resized_as_its_merged_update(tmp_path: Path) -> None:
     """LoRA on GPT-2's token embedding: ΔW laid out (out, in) = (dim, vocabulary), as merging applies it
     transposed into the (vocabulary, dim) table; resize keeps its top directions with the tail error."""
-    model = tiny_gpt2()
-    model.save_pretrained(tmp_path / "base")
-    base = copy.deepcopy(model)
     config = LoraConfig(r=4, alpha=8, target_modules=["wte"])
-    inject_lora(model, config)
-    randomize_lora(model, seed=5)
-    save_adapter(model, tmp_path / "adapter", config, str(tmp_path / "base"), "CAUSAL_LM")
-    merged = unload_lora(copy.deepcopy(model), merge=True).state_dict()
-    assert main(["analyze", str(tmp_path / "adapter"), "--out", str(tmp_path / "out")]) == 0
-    data = json.loads((tmp_path / "out" / "analysis.json").read_text())
+    base, merged, data = _analyzed_gpt2_adapter(tiny_gpt2(), config, tmp_path, seed=5)
     assert list(data["modules"]) == ["transformer.wte"]
     w0 = base.state_dict()["transformer.wte.weight"].double().numpy().T
     delta = merged["transformer.wte.weight"].double().numpy().T - w0
