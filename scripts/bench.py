@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("sizes", "speed", "inference", "adapters", "serve", "quality")
+SECTIONS = ("sizes", "speed", "speed-bf16", "inference", "adapters", "serve", "quality")
 OPTIONAL_SECTIONS = ("lr-sweep",)
 
 
@@ -100,6 +100,9 @@ def run_section(name: str, quick: bool, out: Path, data_root: Path) -> dict:
             "models": [bench_speed.train_step_benchmark(*spec) for spec in plan["speed"]],
             "layers": [bench_speed.layer_benchmark(*spec) for spec in plan["layers"]],
         }
+    if name == "speed-bf16":
+        steps = [bench_speed.train_step_benchmark(*spec, precision="bf16") for spec in plan["speed"]]
+        return {"models": steps}
     if name == "inference":
         return {
             **bench_speed.inference_benchmark(*plan["inference"]),

@@ -60,6 +60,13 @@ def targets(sections: dict[str, Any]) -> list[tuple[str, str, bool]]:
             memory = m["ratios"]["memory_lorakit_over_full"]
             rows.append((f"{where}: LoRA peak memory ≤ 0.80× full's", f"{memory:.3f}", memory <= 0.80))
         layers += result.get("layers", [])
+    if "speed-bf16" in sections:  # the bounds of issue 16, fixed before the first bf16 run
+        for m in sections["speed-bf16"]["result"]["models"]:
+            where = f"{m['model']} {m['batch']}×{m['seq']} bf16"
+            rounds = m["round_ratios"]
+            peft, full = rounds["lorakit_over_peft"], rounds["lorakit_over_full"]
+            rows.append((f"{where}: LoRA step ≤ 0.95× PEFT's", ci(peft), peft["ratio_median"] <= 0.95))
+            rows.append((f"{where}: LoRA step ≤ 0.70× full's", ci(full), full["ratio_median"] <= 0.70))
     if "inference" in sections:
         result = sections["inference"]["result"]
         for batch, s in result["batches"].items():
@@ -160,8 +167,10 @@ def _many_tasks(data: dict[str, Any]) -> list[str]:
     ]
 
 
-def _speed(data: dict[str, Any], out: Path) -> list[str]:
-    lines = header("Training step: forward, backward, AdamW step", data)
+def _speed(data: dict[str, Any], out: Path, precision: str = "fp32") -> list[str]:
+    bf16 = precision == "bf16"
+    title = "Training step under bf16 autocast (float32 weights)" if bf16 else "Training step"
+    lines = header(f"{title}: forward, backward, AdamW step", data)
     rows, groups, series = [], [], {n: [] for n in NAMES.values()}
     for m in data["result"]["models"]:
         groups.append(f"{m['model']} {m['batch']}×{m['seq']}")
@@ -172,8 +181,9 @@ def _speed(data: dict[str, Any], out: Path) -> list[str]:
             )
             series[NAMES[name]].append(c["median_s"])
     lines += table(["model", "contender", "trainable", "median step", "rounds", "peak memory"], rows)
-    bars(out / "train_step.png", "Training step (median)", groups, series, "seconds")
-    return lines + ["![training step](train_step.png)", ""]
+    png = "train_step_bf16.png" if bf16 else "train_step.png"
+    bars(out / png, f"{title} (median)", groups, series, "seconds")
+    return lines + [f"![{title.lower()}]({png})", ""]
 
 
 def _inference(data: dict[str, Any], out: Path) -> list[str]:
@@ -321,11 +331,12 @@ def _history(sweep: dict[str, Any] | None, variants: dict[str, Any] | None) -> l
 
 def render(out: Path) -> Path:
     """Write ``out/RESULTS.md`` (and PNGs) from the section JSON files in ``out``; returns its path."""
-    names = ("sizes", "speed", "inference", "adapters", "serve", "quality", "lr-sweep", "lora-variants")
+    names = ("sizes", "speed", "speed-bf16", "inference", "adapters", "serve", "quality", "lr-sweep")
+    names += ("lora-variants",)
     sections = {n: d for n in names if (d := read_json(out / f"{n}.json"))}
     quick = any(d.get("quick") for d in sections.values())
     lines = ["# lorakit benchmarks", "", METHOD + (" **Quick run.**" if quick else ""), ""]
-    measured = [sections[n] for n in names[:6] if n in sections]
+    measured = [sections[n] for n in names[:7] if n in sections]
     if measured:
         took = " + ".join(f"{d['section']} {d['seconds']:.0f} s" for d in measured)
         lines += [f"This run: {took} = {sum(d['seconds'] for d in measured) / 60:.1f} minutes.", ""]
@@ -339,6 +350,8 @@ def render(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if "speed" in sections:
         lines += _speed(sections["speed"], out)
+    if "speed-bf16" in sections:
+        lines += _speed(sections["speed-bf16"], out, "bf16")
     if "inference" in sections:
         lines += _inference(sections["inference"], out)
     lines += _layers(sections)

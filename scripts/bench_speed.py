@@ -1,5 +1,12 @@
 """Speed and memory: one training step (forward, backward, AdamW step) for lorakit LoRA, PEFT LoRA and
-full fine-tuning; inference latency of the base model, lorakit unmerged and merged, and PEFT unmerged.
+full fine-tuning, in float32 or under bf16 autocast; inference latency of the base model, lorakit unmerged
+and merged, and PEFT unmerged.
+
+bf16 steps (section ``speed-bf16``) are what Accelerate's ``mixed_precision: bf16`` runs: the model's
+weights stay float32 (the trainable ones are what AdamW updates), the forward pass runs under
+``torch.autocast(dtype=torch.bfloat16)``, the backward pass follows it. Targets, fixed before the first
+bf16 measurement: lorakit's bf16 step ≤ 0.95× PEFT's bf16 step, and LoRA's bf16 step ≤ 0.70× full
+fine-tuning's bf16 step (medians of the round-by-round ratios).
 
 Training steps run in one worker process per contender, so that each one's peak memory is its own
 (peak resident set size on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU). The parent drives the
@@ -53,11 +60,17 @@ def make_batch(shape: ModelShape, rows: int, seq: int, device: torch.device) -> 
 
 
 def _train_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], kind: str
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    kind: str,
+    precision: str = "fp32",
 ):
     from lorakit.training.optimization import task_loss
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    device = batch["input_ids"].device.type
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     loss = task_loss(logits, batch["labels"], kind, 0.0)
     loss.backward()
     optimizer.step()
@@ -95,7 +108,8 @@ def _step_worker(conn: Connection, job: dict[str, Any]) -> None:
             conn.send(peak)
             return
         rows = warm if msg == "warmup" else batch
-        conn.send(timed(lambda rows=rows: _train_step(model, optimizer, rows, kind), device))
+        step = lambda rows=rows: _train_step(model, optimizer, rows, kind, job["precision"])  # noqa: E731
+        conn.send(timed(step, device))
 
 
 def train_step_benchmark(
@@ -106,8 +120,10 @@ def train_step_benchmark(
     full_reps: int | None = None,
     r: int = 8,
     alpha: float = 16.0,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
-    """Median step time and peak memory of each contender on ``shape_name``, and the ratios.
+    """Median step time and peak memory of each contender on ``shape_name``, and the ratios; ``precision``
+    "bf16" runs every contender's step under bf16 autocast (float32 weights).
 
     ``reps`` rounds of the two LoRA contenders, the first ``full_reps`` (default: all) of them with a
     full fine-tuning step too: LoRA against full has a wide margin to its target, lorakit against PEFT
@@ -126,7 +142,14 @@ def train_step_benchmark(
             # Spawned workers import bench_common afresh: they get the thread count explicitly.
             threads = torch.get_num_threads()
             job = dict(
-                shape=shape_name, contender=name, rows=rows, seq=seq, r=r, alpha=alpha, threads=threads
+                shape=shape_name,
+                contender=name,
+                rows=rows,
+                seq=seq,
+                r=r,
+                alpha=alpha,
+                threads=threads,
+                precision=precision,
             )
             proc = ctx.Process(target=_step_worker, args=(child, job), daemon=True)
             proc.start()
@@ -157,7 +180,8 @@ def train_step_benchmark(
         for proc, _ in workers.values():
             if proc.is_alive():
                 proc.kill()
-    result: dict[str, Any] = {"model": shape_name, "batch": rows, "seq": seq, "r": r, "contenders": {}}
+    result: dict[str, Any] = {"model": shape_name, "batch": rows, "seq": seq, "r": r, "precision": precision}
+    result["contenders"] = {}
     for name in CONTENDERS:
         peak = info[name].get("cuda_max_allocated_bytes", info[name]["peak_rss_bytes"])
         result["contenders"][name] = {**info[name], **summarize(times[name]), "peak_memory_bytes": peak}

@@ -297,3 +297,44 @@ def test_sweep_trains_on_training_rows_and_picks_the_best(
     assert task["picks"] == {"lora": best["lr"], "full": 1e-4}
     assert bench._lrs(tmp_path / "quick") == {"sst2": task["picks"]}
     assert "`lr-sweep.json`" in (tmp_path / "quick" / "RESULTS.md").read_text()
+
+
+def test_the_bf16_step_runs_under_autocast_with_float32_weights_and_has_its_own_targets(
+    bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bench_speed
+    import torch
+    from bench_common import SHAPES, apply_contender, build_base
+
+    from lorakit.training.optimization import build_optimizer
+
+    shape = SHAPES["roberta-tiny"]
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        model = apply_contender(build_base(shape), shape, "lorakit", 8, 16.0).train()
+        optimizer = build_optimizer(model, 1e-2, 0.0)
+        seen = []
+        model.classifier.dense.register_forward_hook(lambda m, i, out, seen=seen: seen.append(out.dtype))
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        batch = bench_speed.make_batch(shape, 2, 16, torch.device("cpu"))
+        bench_speed._train_step(model, optimizer, batch, "classification", precision)
+        assert seen == [dtype]  # the head's matmul ran in the autocast dtype
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        assert {p.dtype for p in trainable.values()} == {torch.float32}
+        assert any(not torch.equal(p, before[n]) for n, p in trainable.items())
+
+    plan = bench._plan(quick=True)
+    monkeypatch.setattr(bench, "_plan", lambda quick: {**plan, "speed": [("roberta-tiny", 2, 16, 2, 2)]})
+    assert bench.main(["--quick", "--only", "speed-bf16", "--out", str(tmp_path)]) == 0
+    (model_result,) = json.loads((tmp_path / "quick" / "speed-bf16.json").read_text())["result"]["models"]
+    assert model_result["precision"] == "bf16" and set(model_result["contenders"]) == {
+        "lorakit",
+        "peft",
+        "full",
+    }
+    results = (tmp_path / "quick" / "RESULTS.md").read_text()
+    assert "roberta-tiny 2×16 bf16: LoRA step ≤ 0.95× PEFT's" in results
+    assert "roberta-tiny 2×16 bf16: LoRA step ≤ 0.70× full's" in results
+    assert (
+        "Training step under bf16 autocast" in results
+        and (tmp_path / "quick" / "train_step_bf16.png").is_file()
+    )
