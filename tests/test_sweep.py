@@ -388,6 +388,26 @@ def test_shipped_gpt2_medium_sweep_is_table_18s_ranks() -> None:
         assert point.recipe == want  # the paper's recipe, hub default, only r changed
 
 
+@pytest.mark.usefixtures("_at_repo")
+@pytest.mark.parametrize(("task", "folder"), [("sst2", "SST-2"), ("stsb", "STS-B")])
+def test_shipped_precision_sweeps_are_the_demo_in_float32_and_bf16_at_three_seeds(
+    task: str, folder: str
+) -> None:
+    sweep = load_sweep(Path(f"configs/sweeps/minilm-precision-{task}.yaml"))
+    assert sweep.grid == {"train.mixed_precision": ["no", "bf16"], "train.seed": [0, 1, 2]}
+    demo = load_recipe("configs/demo.yaml")
+    for point in sweep.points:
+        want = demo.model_copy(deep=True)
+        want.task.name = task
+        want.task.data_dir = (
+            str(Path(demo.task.data_dir).parent / folder) if task != "sst2" else demo.task.data_dir
+        )
+        want.train.mixed_precision = point.values["train.mixed_precision"]
+        want.train.seed, want.output_dir = point.values["train.seed"], str(point.run_dir)
+        assert point.recipe.model_dump(exclude={"source"}) == want.model_dump(exclude={"source"})
+        assert Path(point.recipe.task.data_dir).is_dir()
+
+
 def test_a_stopped_sweep_writes_its_tables_and_a_rerun_continues(
     tmp_path: Path, tiny_roberta_dir: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
