@@ -48,6 +48,8 @@ def checkpoint_state(
         with fsdp.whole_trainables(accelerator, wrapped, model):
             weights = trainable_state(model) if accelerator.is_main_process else {}
         return weights, fsdp.optimizer_state(accelerator, wrapped, optimizer.optimizer, layout)
+    if not accelerator.is_main_process:  # DDP's copies are the main process's: only it writes
+        return {}, {}
     return trainable_state(model), optimizer.state_dict()
 
 
