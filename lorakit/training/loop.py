@@ -390,6 +390,9 @@ def _finish(loop: _Loop) -> TrainResult:
         metrics["adapter_bytes"] = _size_on_disk(weights)
         write_json(loop.run_dir / METRICS_FILE, metrics)
         plot_curves(state.history, task.main_metric, loop.run_dir / "curves.png")
+    # Every process leaves together: one that tears its process group down while another still works
+    # can abort at exit (seen once with DeepSpeed on gloo: "terminate called without an active exception").
+    acc.wait_for_everyone()
     acc.end_training()
     return TrainResult(run_dir=loop.run_dir, metrics=metrics, main_process=acc.is_main_process)
 
