@@ -23,7 +23,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 
 from lorakit.data.loaders import EvalSet, eval_sets, train_loader
-from lorakit.errors import Interrupted, UserError
+from lorakit.errors import UserError
 from lorakit.evaluation import evaluate, write_predictions
 from lorakit.lora import save_adapter
 from lorakit.models import PreparedModel, prepare_model
@@ -257,8 +257,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
         _train_epochs(loop, signals)
         result = _finish(loop)
     if signals.received is not None:  # after the last step: nothing left to stop, but the caller is told
-        stop = interrupted_at_the_end(signals.received, str(run_dir))
-        raise stop if acc.is_main_process else Interrupted("", stop.exit_status)
+        raise interrupted_at_the_end(signals.received, str(run_dir), tell=acc.is_main_process)
     return result
 
 
@@ -338,9 +337,8 @@ def _train_epochs(loop: _Loop, signals: StopSignals) -> None:
                     if not saved:
                         loop.checkpoint()
                     where = str(latest_checkpoint(loop.run_dir))
-                    stop = interrupted(signum, state.step, loop.total_steps, where, loop.recipe.source)
-                    # The main process tells; the others of a multi-process run stop with the same status.
-                    raise stop if acc.is_main_process else Interrupted("", stop.exit_status)
+                    source, main = loop.recipe.source, acc.is_main_process  # the main process tells
+                    raise interrupted(signum, state.step, loop.total_steps, where, source, tell=main)
             state.train_seconds += time.perf_counter() - tick
             if done < len(loop.train_dl):
                 break  # max_steps reached mid-epoch; _finish evaluates the final state
@@ -390,8 +388,7 @@ def _finish(loop: _Loop) -> TrainResult:
         metrics["adapter_bytes"] = _size_on_disk(weights)
         write_json(loop.run_dir / METRICS_FILE, metrics)
         plot_curves(state.history, task.main_metric, loop.run_dir / "curves.png")
-    # Every process leaves together: one that tears its process group down while another still works
-    # can abort at exit (seen once with DeepSpeed on gloo: "terminate called without an active exception").
+    # Every process leaves together (one tearing its process group down early aborted once under DeepSpeed).
     acc.wait_for_everyone()
     acc.end_training()
     return TrainResult(run_dir=loop.run_dir, metrics=metrics, main_process=acc.is_main_process)

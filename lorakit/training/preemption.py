@@ -40,20 +40,21 @@ class StopSignals:
         self.received = self.received or signum
 
 
-def interrupted(signum: int, step: int, total: int, checkpoint: str, recipe_source: str) -> Interrupted:
-    """The error that ends a run stopped by ``signum`` after ``step``, with the command that resumes it."""
+def interrupted(
+    signum: int, step: int, total: int, checkpoint: str, recipe_source: str, tell: bool = True
+) -> Interrupted:
+    """The error that ends a run stopped by ``signum`` after ``step``, with the command that resumes it.
+    ``tell`` False (the other processes of a multi-process run): the same status, no message."""
     name = signal.Signals(signum).name
-    return Interrupted(
+    message = (
         f"stopped by {name} after step {step} of {total}; checkpoint written to {checkpoint}. Continue "
-        f"with the same command and --resume: lorakit train {recipe_source} [your options] --resume",
-        exit_status=128 + signum,
+        f"with the same command and --resume: lorakit train {recipe_source} [your options] --resume"
     )
+    return Interrupted(message if tell else "", exit_status=128 + signum)
 
 
-def interrupted_at_the_end(signum: int, run_dir: str) -> Interrupted:
+def interrupted_at_the_end(signum: int, run_dir: str, tell: bool = True) -> Interrupted:
     """The error for a stop signal that came after the last step (during the final evaluation or the
     saving): the run is complete and written, and the caller (a sweep, a script) still learns of the stop."""
-    name = signal.Signals(signum).name
-    return Interrupted(
-        f"{name} received as the run ended: it is complete in {run_dir}; stopping here", 128 + signum
-    )
+    message = f"{signal.Signals(signum).name} received as the run ended: it is complete in {run_dir}"
+    return Interrupted(f"{message}; stopping here" if tell else "", 128 + signum)
