@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("sizes", "speed", "speed-bf16", "inference", "adapters", "serve", "quality")
+SECTIONS = ("sizes", "speed", "speed-bf16", "inference", "inference-bf16", "adapters", "serve", "quality")
 OPTIONAL_SECTIONS = ("lr-sweep",)
 
 
@@ -108,6 +108,8 @@ def run_section(name: str, quick: bool, out: Path, data_root: Path) -> dict:
             **bench_speed.inference_benchmark(*plan["inference"]),
             "layers": [bench_speed.layer_benchmark(*spec) for spec in plan["inference_layers"]],
         }
+    if name == "inference-bf16":
+        return bench_speed.inference_benchmark(*plan["inference"], precision="bf16")
     if name == "adapters":
         return bench_adapters.adapters_section(*plan["adapters"])
     if name == "serve":

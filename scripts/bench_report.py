@@ -67,10 +67,13 @@ def targets(sections: dict[str, Any]) -> list[tuple[str, str, bool]]:
             peft, full = rounds["lorakit_over_peft"], rounds["lorakit_over_full"]
             rows.append((f"{where}: LoRA step ≤ 0.95× PEFT's", ci(peft), peft["ratio_median"] <= 0.95))
             rows.append((f"{where}: LoRA step ≤ 0.70× full's", ci(full), full["ratio_median"] <= 0.70))
-    if "inference" in sections:
-        result = sections["inference"]["result"]
+    # bf16 inference keeps the fp32 bounds (issue 16, fixed before the first bf16 inference run).
+    for key, tag in (("inference", ""), ("inference-bf16", " bf16")):
+        if key not in sections:
+            continue
+        result = sections[key]["result"]
         for batch, s in result["batches"].items():
-            where = f"{result['model']} batch {batch}×{result['seq']}"
+            where = f"{result['model']} batch {batch}×{result['seq']}{tag}"
             merged = s["lorakit_merged"]["round_ratio_to_base"]
             rows.append((f"{where}: merged ≤ 1.02× base", ci(merged), merged["ratio_median"] <= 1.02))
             peft = s["lorakit_unmerged"]["round_ratio_to_peft"]
@@ -188,7 +191,10 @@ def _speed(data: dict[str, Any], out: Path, precision: str = "fp32") -> list[str
 
 def _inference(data: dict[str, Any], out: Path) -> list[str]:
     r = data["result"]
-    lines = header(f"Inference latency: {r['model']}, seq {r['seq']}, r = {r['r']}", data)
+    bf16 = r.get("precision") == "bf16"
+    title = "Inference latency under bf16 autocast" if bf16 else "Inference latency"
+    png = "inference_bf16.png" if bf16 else "inference.png"
+    lines = header(f"{title}: {r['model']}, seq {r['seq']}, r = {r['r']}", data)
     rows, series = [], {label: [] for label in INFER.values()}
     for batch, stats in r["batches"].items():
         cells = [batch, stats["base"]["reps"]]
@@ -200,14 +206,8 @@ def _inference(data: dict[str, Any], out: Path) -> list[str]:
     lines += table(["batch", "rounds", *(f"{v} (× base)" for v in INFER.values())], rows)
     same = r.get("merged_structure_is_base")
     lines += [f"Merged model has exactly the base model's modules, shapes and dtypes: {same}.", ""]
-    bars(
-        out / "inference.png",
-        "Inference latency / base model",
-        [f"batch {b}" for b in r["batches"]],
-        series,
-        "×",
-    )
-    return lines + ["![inference latency](inference.png)", ""]
+    bars(out / png, f"{title} / base model", [f"batch {b}" for b in r["batches"]], series, "×")
+    return lines + [f"![{title.lower()}]({png})", ""]
 
 
 def _layers(sections: dict[str, Any]) -> list[str]:
@@ -331,12 +331,12 @@ def _history(sweep: dict[str, Any] | None, variants: dict[str, Any] | None) -> l
 
 def render(out: Path) -> Path:
     """Write ``out/RESULTS.md`` (and PNGs) from the section JSON files in ``out``; returns its path."""
-    names = ("sizes", "speed", "speed-bf16", "inference", "adapters", "serve", "quality", "lr-sweep")
-    names += ("lora-variants",)
+    names = ("sizes", "speed", "speed-bf16", "inference", "inference-bf16", "adapters", "serve", "quality")
+    names += ("lr-sweep", "lora-variants")
     sections = {n: d for n in names if (d := read_json(out / f"{n}.json"))}
     quick = any(d.get("quick") for d in sections.values())
     lines = ["# lorakit benchmarks", "", METHOD + (" **Quick run.**" if quick else ""), ""]
-    measured = [sections[n] for n in names[:7] if n in sections]
+    measured = [sections[n] for n in names[:8] if n in sections]
     if measured:
         took = " + ".join(f"{d['section']} {d['seconds']:.0f} s" for d in measured)
         lines += [f"This run: {took} = {sum(d['seconds'] for d in measured) / 60:.1f} minutes.", ""]
@@ -352,8 +352,9 @@ def render(out: Path) -> Path:
         lines += _speed(sections["speed"], out)
     if "speed-bf16" in sections:
         lines += _speed(sections["speed-bf16"], out, "bf16")
-    if "inference" in sections:
-        lines += _inference(sections["inference"], out)
+    for key in ("inference", "inference-bf16"):
+        if key in sections:
+            lines += _inference(sections[key], out)
     lines += _layers(sections)
     if "sizes" in sections:
         lines += _sizes(sections["sizes"])

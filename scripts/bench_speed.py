@@ -348,10 +348,17 @@ def _structure(model: nn.Module) -> list[tuple[str, str, tuple[tuple[int, ...], 
 
 
 def inference_benchmark(
-    shape_name: str, batch_sizes: Sequence[int], seq: int, reps: Sequence[int], r: int = 8
+    shape_name: str,
+    batch_sizes: Sequence[int],
+    seq: int,
+    reps: Sequence[int],
+    r: int = 8,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Forward latency (eval mode, no autograd) of the base model, lorakit unmerged, lorakit merged
-    (``unload_lora``: plain modules again) and PEFT unmerged, at each batch size; medians and ratios."""
+    (``unload_lora``: plain modules again) and PEFT unmerged, at each batch size; medians and ratios.
+    ``precision="bf16"`` runs every forward under bf16 autocast, as ``lorakit eval`` and ``predict`` do
+    with ``train.mixed_precision: bf16`` (the weights stay float32)."""
     from lorakit.lora import unload_lora
 
     device = setup_torch()
@@ -369,9 +376,13 @@ def inference_benchmark(
         "peft_unmerged": theirs,
     }
     models["peft_unmerged"].eval()
-    result: dict[str, Any] = {"model": shape_name, "seq": seq, "r": r, "batches": {}}
+    result: dict[str, Any] = {"model": shape_name, "seq": seq, "r": r, "precision": precision, "batches": {}}
     probe = make_batch(shape, 2, seq, device)
-    with torch.inference_mode():
+
+    def precise():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    with torch.inference_mode(), precise():
         outs = {k: m(input_ids=probe["input_ids"]).logits for k, m in models.items()}
     result["max_abs_diff_vs_lorakit_unmerged"] = {
         k: float((v - outs["lorakit_unmerged"]).abs().max()) for k, v in outs.items()
@@ -382,7 +393,7 @@ def inference_benchmark(
 
         def runner(model: nn.Module, ids: torch.Tensor = ids):
             def run() -> Timing:
-                with torch.inference_mode():
+                with torch.inference_mode(), precise():
                     return timed(lambda: model(input_ids=ids), device)
 
             return run
