@@ -17,7 +17,17 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("sizes", "speed", "speed-bf16", "inference", "inference-bf16", "adapters", "serve", "quality")
+SECTIONS = (
+    "sizes",
+    "speed",
+    "speed-bf16",
+    "inference",
+    "inference-bf16",
+    "adapters",
+    "serve",
+    "quality",
+    "whole-run",
+)
 OPTIONAL_SECTIONS = ("lr-sweep",)
 
 
@@ -38,6 +48,7 @@ def _plan(quick: bool) -> dict:
             "quality": [sst2],
             "seeds": (0, 1),
             "lr_sweep": [(sst2, 200)],
+            "whole_run": (1, ("fp32",)),
         }
     import torch
 
@@ -69,6 +80,8 @@ def _plan(quick: bool) -> dict:
         "quality": quality,
         "seeds": (0, 1, 2),
         "lr_sweep": [(plan, heldout[plan.name]) for plan in quality],
+        # Rounds of both whole processes, and the precisions (about 75 s a round on 2 cores).
+        "whole_run": (3, ("fp32", "bf16")),
     }
 
 
@@ -116,6 +129,10 @@ def run_section(name: str, quick: bool, out: Path, data_root: Path) -> dict:
         return bench_serve.serve_section(*plan["serve"])
     if name == "quality":
         return bench_quality.quality_section(plan["quality"], data_root, _lrs(out), plan["seeds"])
+    if name == "whole-run":
+        import bench_whole_run
+
+        return bench_whole_run.whole_run_section(data_root, *plan["whole_run"])
     if name == "lr-sweep":
         return bench_quality.lr_sweep_section(plan["lr_sweep"], data_root)
     raise ValueError(name)

@@ -12,6 +12,8 @@ from bench_format import bars, ci, header, mib, ms, table
 from bench_quality import seed_gaps
 from bench_serve import render as render_serve
 from bench_serve import serve_targets
+from bench_whole_run import render as render_whole_run
+from bench_whole_run import whole_run_targets
 
 METHOD = """\
 lorakit's LoRA against PEFT's LoRA (same targets, rank, alpha, head) and against full fine-tuning, measured
@@ -87,6 +89,8 @@ def targets(sections: dict[str, Any]) -> list[tuple[str, str, bool]]:
         rows += adapter_targets(sections["adapters"]["result"])
     if "serve" in sections:
         rows += serve_targets(sections["serve"]["result"])
+    if "whole-run" in sections:
+        rows += whole_run_targets(sections["whole-run"]["result"])
     if "quality" in sections:
         for task in sections["quality"]["result"]["tasks"]:
             gaps = seed_gaps(task)
@@ -332,11 +336,11 @@ def _history(sweep: dict[str, Any] | None, variants: dict[str, Any] | None) -> l
 def render(out: Path) -> Path:
     """Write ``out/RESULTS.md`` (and PNGs) from the section JSON files in ``out``; returns its path."""
     names = ("sizes", "speed", "speed-bf16", "inference", "inference-bf16", "adapters", "serve", "quality")
-    names += ("lr-sweep", "lora-variants")
+    names += ("whole-run", "lr-sweep", "lora-variants")
     sections = {n: d for n in names if (d := read_json(out / f"{n}.json"))}
     quick = any(d.get("quick") for d in sections.values())
     lines = ["# lorakit benchmarks", "", METHOD + (" **Quick run.**" if quick else ""), ""]
-    measured = [sections[n] for n in names[:8] if n in sections]
+    measured = [sections[n] for n in names[:9] if n in sections]
     if measured:
         took = " + ".join(f"{d['section']} {d['seconds']:.0f} s" for d in measured)
         lines += [f"This run: {took} = {sum(d['seconds'] for d in measured) / 60:.1f} minutes.", ""]
@@ -362,6 +366,8 @@ def render(out: Path) -> Path:
         lines += _adapters(sections["adapters"])
     if "serve" in sections:
         lines += render_serve(sections["serve"])
+    if "whole-run" in sections:
+        lines += render_whole_run(sections["whole-run"])
     if many := read_json(out / "many-tasks.json"):
         lines += _many_tasks(many)
     if "quality" in sections:

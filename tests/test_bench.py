@@ -338,3 +338,51 @@ def test_the_bf16_step_runs_under_autocast_with_float32_weights_and_has_its_own_
         "Training step under bf16 autocast" in results
         and (tmp_path / "quick" / "train_step_bf16.png").is_file()
     )
+
+
+def test_inference_under_bf16_autocast(bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plan = bench._plan(quick=True)
+    monkeypatch.setattr(
+        bench, "_plan", lambda quick: {**plan, "inference": ("roberta-tiny", (1, 3), 16, (2, 2))}
+    )
+    assert bench.main(["--quick", "--only", "inference-bf16", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "quick" / "inference-bf16.json").read_text())["result"]
+    assert result["precision"] == "bf16" and result["merged_structure_is_base"] is True
+    diffs = result["max_abs_diff_vs_lorakit_unmerged"]
+    # bf16 rounds the merged weight and PEFT's separate matmuls differently, within bf16's precision.
+    assert diffs["lorakit_merged"] < 0.05 and diffs["peft_unmerged"] < 0.05
+    assert diffs["base"] > diffs["lorakit_merged"]
+    results = (tmp_path / "quick" / "RESULTS.md").read_text()
+    assert "## Inference latency under bf16 autocast: roberta-tiny, seq 16, r = 8" in results
+    for rows in ("1", "3"):
+        merged = result["batches"][rows]["lorakit_merged"]["round_ratio_to_base"]["ratio_median"]
+        row = _target(results, f"roberta-tiny batch {rows}×16 bf16: merged ≤ 1.02× base")
+        assert row.endswith("| yes |" if merged <= 1.02 else "| **no** |")
+    assert (tmp_path / "quick" / "inference_bf16.png").is_file()
+
+
+@pytest.mark.slow
+def test_whole_run_times_both_processes_and_reports_where_time_went(
+    bench, shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bench_report
+    import bench_whole_run
+
+    from lorakit.runs import write_json
+
+    monkeypatch.setattr(bench_whole_run, "ROWS", 64)
+    result = bench_whole_run.whole_run_section(shared_data / "glue", rounds=1, precisions=("fp32",))
+    p = result["precisions"]["fp32"]
+    lorakit, trainer = p["runs"]["lorakit"][0], p["runs"]["trainer"][0]
+    for run in (lorakit, trainer):
+        assert set(run["seconds"]) == set(bench_whole_run.PHASES)
+        assert sum(run["seconds"].values()) <= run["wall_s"] and 0 <= run["accuracy"] <= 100
+    assert p["ratios"] == [pytest.approx(lorakit["wall_s"] / trainer["wall_s"])]
+    write_json(
+        tmp_path / "whole-run.json",
+        {"section": "whole-run", "quick": True, "seconds": 1.0, "environment": {}, "result": result},
+    )
+    results = bench_report.render(tmp_path).read_text()
+    row = _target(results, "MiniLM SST-2 whole `lorakit train` fp32: wall ≤ 0.60× Trainer + PEFT")
+    assert row.endswith("| yes |" if p["ratio_median"] <= 0.6 else "| **no** |")
+    assert "| fp32 | Trainer + PEFT |" in results

@@ -107,11 +107,13 @@ def test_train_eval_merge_from_pretrained(
     from lorakit.models import load_trained
     from lorakit.recipe import load_recipe
     from lorakit.tasks import get_task
+    from lorakit.training.reporting import process_age_seconds
 
     run = tmp_path / "run"
     recipe = write_recipe(
         tmp_path / "r.yaml", tiny_roberta_dir, "sst2", glue_dirs["sst2"], run, train={"epochs": 2}
     )
+    age_before_train = process_age_seconds()
     code, out, err = run_cli(["train", str(recipe)], capsys)
     assert code == 0, err
     for name in (
@@ -132,6 +134,11 @@ def test_train_eval_merge_from_pretrained(
     assert metrics["train_samples_per_second"] > 0 and metrics["peak_memory_bytes"] > 0
     assert metrics["adapter_bytes"] == (run / "adapter_model.safetensors").stat().st_size
     assert [h["step"] for h in metrics["history"] if "accuracy" in h] == [8, 16]
+    seconds = metrics["seconds"]  # where the run's time went: each phase measured, none counted twice
+    assert set(seconds) == {"start-up", "model", "data", "steps", "evaluation", "saving"}
+    assert all(v > 0 for v in seconds.values()) and seconds["steps"] == metrics["train_seconds"]
+    # In-process here, so start-up is this interpreter's age when train() began.
+    assert age_before_train <= seconds["start-up"] <= age_before_train + 60
     config = json.loads((run / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tiny_roberta_dir) and config["task_type"] == "SEQ_CLS"
 

@@ -44,7 +44,14 @@ from lorakit.training.optimization import build_optimizer, float32_trainables, g
 from lorakit.training.preemption import StopSignals, interrupted, interrupted_at_the_end
 from lorakit.training.preflight import check_precision, check_process_count, run_dir_for
 from lorakit.training.progress import TrainProgress
-from lorakit.training.reporting import JsonlLog, peak_memory, plot_curves
+from lorakit.training.reporting import (
+    JsonlLog,
+    peak_memory,
+    plot_curves,
+    process_age_seconds,
+    quiet_libraries,
+    size_on_disk,
+)
 from lorakit.training.sharding import sliced_loader
 from lorakit.training.whole_state import checkpoint_state, restore_state, whole_trainables
 
@@ -92,6 +99,8 @@ class _Loop:
     def __init__(self, recipe: Recipe, run_dir: Path, accelerator: Accelerator) -> None:
         self.recipe, self.run_dir, self.acc = recipe, run_dir, accelerator
         t = recipe.train
+        # Where a run's time goes, in metrics.json: start-up, model, data, steps, evaluation, saving.
+        self.seconds: dict[str, float] = {"model": -time.perf_counter(), "evaluation": 0.0}
         self.task = get_task(recipe.task.name, recipe.task.data_dir)
         with zero.whole_model_loading(accelerator):
             self.prepared = prepare_model(recipe, self.task)
@@ -102,6 +111,8 @@ class _Loop:
         if t.compile:
             compile_model(self.prepared.model)
         tokenizer = self.prepared.tokenizer
+        self.seconds["model"] += time.perf_counter()
+        self.seconds["data"] = -time.perf_counter()
         n = accelerator.num_processes
         self.global_batch = t.batch_size * n
         # Rows are ordered and length-grouped at the global batch size, as one process with N·b would.
@@ -113,6 +124,7 @@ class _Loop:
                 f"fewer training rows than the {n} processes", recipe.where("train.num_processes")
             )
         self.evals: list[EvalSet] = eval_sets(recipe, self.task, tokenizer)
+        self.seconds["data"] += time.perf_counter()
         self.steps_per_epoch = math.ceil(batches / t.grad_accum)
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         warmup = (
@@ -167,6 +179,7 @@ class _Loop:
             self.state.samples_in_epoch = 0
 
     def evaluate_and_keep_best(self) -> dict[str, float]:
+        self.seconds["evaluation"] -= time.perf_counter()
         metrics, predictions = evaluate(
             self.model, self.evals, self.task, self.acc, self.prepared.tokenizer, self.recipe.generation
         )
@@ -185,6 +198,7 @@ class _Loop:
         if self.acc.is_main_process:
             self.acc.log({f"eval/{k}": v for k, v in metrics.items()}, step=self.state.step)
             self.log.write({"event": "eval", **record})
+        self.seconds["evaluation"] += time.perf_counter()
         return metrics
 
     def save_trained(self, out_dir: Path) -> None:
@@ -207,22 +221,13 @@ def _with_batch_size(recipe: Recipe, batch_size: int) -> Recipe:
     return recipe.model_copy(update={"train": recipe.train.model_copy(update={"batch_size": batch_size})})
 
 
-def _quiet_libraries() -> None:
-    # The other processes of a multi-process run would repeat every library warning the main one shows.
-    import datasets
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    datasets.utils.logging.set_verbosity_error()
-    logging.getLogger("lorakit").setLevel(logging.ERROR)
-
-
 def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     """Train ``recipe`` into its output directory; with ``resume``, continue from the last checkpoint.
 
     Under a launcher (see ``lorakit.launch``) every process calls this; only the main one writes files.
     """
     t = recipe.train
+    startup = process_age_seconds()
     run_dir = run_dir_for(recipe, resume)
     set_seed(t.seed)
     acc = Accelerator(
@@ -239,7 +244,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     if acc.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the peak in metrics.json is this run's alone
     if not acc.is_main_process:
-        _quiet_libraries()
+        quiet_libraries()
     # Every process has looked at the output directory before the main one starts filling it.
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -248,6 +253,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
         record_latest_run(run_dir)
     acc.init_trackers("tensorboard")
     loop = _Loop(recipe, run_dir, acc)
+    loop.seconds["start-up"] = startup
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
         loop.resume_from(checkpoint)
@@ -382,19 +388,18 @@ def _finish(loop: _Loop) -> TrainResult:
         **({"compile": compile_report()} if loop.recipe.train.compile else {}),
         **memory,
     }
+    saving = time.perf_counter()
     loop.save_trained(loop.run_dir / "final")
     if acc.is_main_process:
         weights = loop.run_dir / ("adapter_model.safetensors" if loop.prepared.lora_config else "model")
-        metrics["adapter_bytes"] = _size_on_disk(weights)
-        write_json(loop.run_dir / METRICS_FILE, metrics)
+        metrics["adapter_bytes"] = size_on_disk(weights)
         plot_curves(state.history, task.main_metric, loop.run_dir / "curves.png")
+        # Saving: the final adapter and the plot (the best adapter's save counts in evaluation, mid-run
+        # checkpoints in steps).
+        metrics["seconds"] = {**loop.seconds, "steps": state.train_seconds}
+        metrics["seconds"]["saving"] = time.perf_counter() - saving
+        write_json(loop.run_dir / METRICS_FILE, metrics)
     # Every process leaves together (one tearing its process group down early aborted once under DeepSpeed).
     acc.wait_for_everyone()
     acc.end_training()
     return TrainResult(run_dir=loop.run_dir, metrics=metrics, main_process=acc.is_main_process)
-
-
-def _size_on_disk(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -27,6 +27,15 @@ class JsonlLog:
             f.write(json.dumps(record, default=float) + "\n")
 
 
+def process_age_seconds() -> float:
+    """Seconds since this process started: its interpreter start-up and imports, when asked first thing."""
+    import time
+
+    import psutil  # Accelerate's own dependency
+
+    return time.time() - psutil.Process().create_time()
+
+
 def peak_memory() -> dict[str, Any]:
     """Peak memory of this process: CUDA max allocated on a GPU, max resident set size on the CPU."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -63,3 +72,23 @@ def plot_curves(history: list[dict[str, Any]], main_metric: str, path: Path) -> 
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def size_on_disk(path: Path) -> int:
+    """Bytes of a file, or of every file under a directory."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def quiet_libraries() -> None:
+    """Library warnings at error level only: the other processes of a multi-process run would repeat
+    every warning the main one shows."""
+    import logging
+
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    datasets.utils.logging.set_verbosity_error()
+    logging.getLogger("lorakit").setLevel(logging.ERROR)
