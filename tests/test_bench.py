@@ -367,6 +367,8 @@ def test_whole_run_times_both_processes_and_reports_where_time_went(
 ) -> None:
     import bench_report
     import bench_whole_run
+    import torch
+    from bench_common import environment
 
     from lorakit.runs import write_json
 
@@ -380,7 +382,13 @@ def test_whole_run_times_both_processes_and_reports_where_time_went(
     assert p["ratios"] == [pytest.approx(lorakit["wall_s"] / trainer["wall_s"])]
     write_json(
         tmp_path / "whole-run.json",
-        {"section": "whole-run", "quick": True, "seconds": 1.0, "environment": {}, "result": result},
+        {
+            "section": "whole-run",
+            "quick": True,
+            "seconds": 1.0,
+            "environment": environment(torch.device("cpu")),
+            "result": result,
+        },
     )
     results = bench_report.render(tmp_path).read_text()
     row = _target(results, "MiniLM SST-2 whole `lorakit train` fp32: wall ≤ 0.60× Trainer + PEFT")
