@@ -32,6 +32,9 @@ from safetensors.torch import load_file
 CONFIGS = REPO / "configs" / "distributed"
 # Small enough that every step of these runs is clipped: a recipe value DeepSpeed must apply itself.
 CLIP = 0.05
+# Four two-process DeepSpeed runs and four one-process ones: about 3 minutes on 2 CPU cores, more than the
+# default suite can spend; `make test-all` runs them.
+SLOW = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +80,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, no_dropout_roberta: Path, sha
     return out
 
 
+@SLOW
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_zero_processes_train_the_adapter_of_one_process_with_the_doubled_batch(
     runs: dict, stage: int
@@ -93,6 +97,7 @@ def test_two_zero_processes_train_the_adapter_of_one_process_with_the_doubled_ba
     assert one["metrics"]["final"]["accuracy"] == zero["metrics"]["final"]["accuracy"]
 
 
+@SLOW
 def test_the_recipe_clipping_is_what_deepspeed_applies(runs: dict) -> None:
     """The shipped configs leave clipping to the recipe; DeepSpeed's default (1.0) would give the
     unclipped adapter here, which is far from the clipped one both ZeRO runs match."""
@@ -102,6 +107,7 @@ def test_the_recipe_clipping_is_what_deepspeed_applies(runs: dict) -> None:
     assert max_difference(runs["one"]["adapter"], runs["unclipped"]["adapter"]) > 100 * TOLERANCE
 
 
+@SLOW
 @pytest.mark.parametrize("stage", [2, 3])
 def test_the_adapter_saved_from_shards_is_whole_and_peft_loads_it(
     runs: dict, stage: int, no_dropout_roberta: Path
@@ -124,6 +130,7 @@ def test_the_adapter_saved_from_shards_is_whole_and_peft_loads_it(
     assert (logits["one"] - logits[f"zero{stage}"]).abs().max().item() <= TOLERANCE
 
 
+@SLOW
 @pytest.mark.parametrize("stage", [2, 3])
 def test_a_zero_checkpoint_holds_what_a_one_process_checkpoint_holds(runs: dict, stage: int) -> None:
     one = runs["root"] / "one" / "checkpoints" / f"step-{FIRST}"
@@ -139,6 +146,7 @@ def test_a_zero_checkpoint_holds_what_a_one_process_checkpoint_holds(runs: dict,
         assert max_difference(ours, theirs) <= TOLERANCE
 
 
+@SLOW
 @pytest.mark.parametrize("resumed", ["zero2-resumed", "zero3-resumed", "zero3-on-one"])
 def test_a_zero_checkpoint_resumes_to_the_uninterrupted_adapter(runs: dict, resumed: str) -> None:
     straight, run = runs["straight"], runs[resumed]

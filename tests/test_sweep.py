@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shlex
 import shutil
 from pathlib import Path
@@ -54,6 +55,17 @@ def point_name(r: int, targets: list[str], seed: int) -> str:
 def read_csv(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
+
+
+NUMBER = re.compile(r"-?\d+\.\d+")
+
+
+def same_but_numbers(a: str, b: str, tolerance: float = 0.02) -> bool:
+    """Whether two texts are equal once each decimal number in them is allowed to differ by `tolerance`."""
+    if NUMBER.sub("#", a) != NUMBER.sub("#", b):
+        return False
+    pairs = zip(NUMBER.findall(a), NUMBER.findall(b), strict=True)
+    return all(abs(float(x) - float(y)) <= tolerance for x, y in pairs)
 
 
 def metrics_of(run_dir: Path) -> dict:
@@ -260,12 +272,15 @@ def test_jobs_2_gives_the_same_table_and_failures_are_reported(
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["sweep", str(sweep), "--output-dir", str(one)]) == 1
     assert main(["sweep", str(sweep), "--output-dir", str(two), "--jobs", "2"]) == 1
-    assert (one / "sweep.md").read_text() == (two / "sweep.md").read_text()
+    # Not bit for bit: a subprocess of --jobs 2 has half the CPU threads, which reorders float sums,
+    # so metrics agree to a tolerance and everything else exactly.
+    assert same_but_numbers((one / "sweep.md").read_text(), (two / "sweep.md").read_text())
     ignore = ("wall_seconds", "train_seconds", "run_dir")
     rows_one, rows_two = read_csv(one / "sweep.csv"), read_csv(two / "sweep.csv")
-    assert [{k: v for k, v in r.items() if k not in ignore} for r in rows_one] == [
-        {k: v for k, v in r.items() if k not in ignore} for r in rows_two
-    ]
+    for here, there in zip(rows_one, rows_two, strict=True):
+        assert here.keys() == there.keys()
+        for key in here.keys() - set(ignore):
+            assert same_but_numbers(here[key], there[key]), (key, here[key], there[key])
     status = {r["point"]: r["status"] for r in rows_one}
     assert status == {
         "target_modules=query,r=2": "done",
@@ -276,7 +291,6 @@ def test_jobs_2_gives_the_same_table_and_failures_are_reported(
     for name in ("target_modules=query,r=2", "target_modules=query,r=4"):
         here, there = (load_file(d / name / "adapter_model.safetensors") for d in (one, two))
         assert here.keys() == there.keys()
-        # Not bit for bit: a subprocess of --jobs 2 has half the CPU threads, which reorders float sums.
         assert all(torch.allclose(here[k], there[k], rtol=0, atol=1e-6) for k in here)
         assert (two / "logs" / f"{name}.log").is_file()
     failed = [r for r in rows_two if r["status"] == "failed"]
