@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lorakit.data.batching import in_row_order
 from lorakit.data.loaders import EvalSet
 from lorakit.tasks.base import Task
 
@@ -32,7 +33,7 @@ def _model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def predict_labels(model: nn.Module, loader: DataLoader, task: Task, accelerator: Accelerator) -> list[Any]:
-    """Class ids (or regression values) for every row of ``loader``, in row order, each row once."""
+    """Class ids (or regression values) for every row of ``loader``, in the loader's order, each row once."""
     model.eval()
     out: list[torch.Tensor] = []
     for batch in loader:
@@ -136,6 +137,8 @@ def evaluate(
             raise RuntimeError(
                 f"{es.split}: {len(preds)} predictions for {len(es.rows)} rows, gathered across processes"
             )
+        if es.order is not None:
+            preds = in_row_order(preds, es.order)
         predictions[es.split] = preds
         for name, value in task.compute_metrics(preds, es.rows).items():
             metrics[metric_key(es.prefix, name)] = float(value)

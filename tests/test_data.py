@@ -15,6 +15,8 @@ from lorakit.data import (
     PaddingCollator,
     build_eval_dataloader,
     build_train_dataloader,
+    in_row_order,
+    longest_first,
     model_columns,
     padding_waste,
     subsample,
@@ -264,6 +266,21 @@ def test_eval_dataloader_keeps_row_order(roberta, rte):
             seen.append(ids[mask.bool()].tolist())
         labels += batch["labels"].tolist()
     assert seen == rte["input_ids"] and labels == rte["labels"]
+
+
+def test_eval_dataloader_longest_first_pads_less_and_its_order_is_undone(roberta, rte):
+    order = longest_first(rte)
+    lengths = rte["length"]
+    assert sorted(order) == list(range(len(rte)))
+    assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
+    plain = build_eval_dataloader(rte, PaddingCollator(roberta), batch_size=32)
+    loader = build_eval_dataloader(rte, PaddingCollator(roberta), batch_size=32, order=order)
+    seen = []
+    for batch in loader:
+        pairs = zip(batch["input_ids"], batch["attention_mask"], strict=True)
+        seen += [ids[mask.bool()].tolist() for ids, mask in pairs]
+    assert in_row_order(seen, order) == rte["input_ids"]
+    assert padding_waste(loader) < padding_waste(plain) / 2
 
 
 def test_subsample_is_reproducible(rte_rows):

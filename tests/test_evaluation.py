@@ -32,3 +32,31 @@ def test_evaluate_restores_the_callers_mode(
     assert model.training is training
     assert all(m.training is training for m in model.modules())
     assert len(predictions["validation"]) == 24 and 0.0 <= metrics["accuracy"] <= 100.0
+
+
+def test_predictions_come_back_in_row_order_though_batches_run_longest_first(
+    tiny_roberta_dir: Path, shared_data: Path
+) -> None:
+    """A model that predicts each row's token count parity shows where every prediction went."""
+    import torch
+
+    recipe = recipe_from_dict(
+        {
+            "model": {"name_or_path": str(tiny_roberta_dir)},
+            "task": {"name": "sst2", "data_dir": str(shared_data / "glue" / "SST-2"), "max_eval_samples": 50},
+            "train": {"eval_batch_size": 8},
+        }
+    )
+    task = get_task("sst2", recipe.task.data_dir)
+    prepared = prepare_model(recipe, task)
+    (es,) = eval_sets(recipe, task, prepared.tokenizer)
+    assert es.order is not None and es.order != sorted(es.order)
+
+    class Parity(torch.nn.Module):
+        def forward(self, input_ids, attention_mask, **_: object):
+            odd = (attention_mask.sum(-1) % 2).float()
+            return type("Out", (), {"logits": torch.stack([1 - odd, odd], -1)})()
+
+    _, predictions = evaluate(Parity(), [es], task, Accelerator())
+    lengths = [len(prepared.tokenizer(text)["input_ids"]) for text in es.rows["text_a"]]
+    assert predictions["validation"] == [n % 2 for n in lengths]

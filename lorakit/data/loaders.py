@@ -11,6 +11,7 @@ from lorakit.data import (
     PaddingCollator,
     build_eval_dataloader,
     build_train_dataloader,
+    longest_first,
     subsample,
     tokenize_causal_lm,
     tokenize_classification,
@@ -29,6 +30,8 @@ class EvalSet:
     split: str
     rows: Any  # datasets.Dataset in the task's row layout
     loader: DataLoader
+    # The row of each prediction the loader yields (``None``: row order); ``in_row_order`` undoes it.
+    order: list[int] | None = None
 
 
 def _rows(task: Task, split: str) -> Any:
@@ -43,9 +46,9 @@ def train_loader(recipe: Recipe, task: Task, tokenizer: Any) -> DataLoader:
     """Shuffled (length-grouped unless the recipe says otherwise), dynamically padded training batches."""
     rows = subsample(_rows(task, task.train_split), recipe.task.max_train_samples, recipe.train.seed)
     if task.kind == "generation":
-        tokenized = tokenize_causal_lm(rows, tokenizer, recipe.task.max_length)
+        tokenized = tokenize_causal_lm(rows, tokenizer, recipe.task.max_length, cache=True)
     else:
-        tokenized = tokenize_classification(rows, tokenizer, recipe.task.max_length)
+        tokenized = tokenize_classification(rows, tokenizer, recipe.task.max_length, cache=True)
     return build_train_dataloader(
         tokenized,
         PaddingCollator(tokenizer),
@@ -60,20 +63,24 @@ def eval_sets(
 ) -> list[EvalSet]:
     """The task's evaluation splits (or ``splits``: prefix -> split name), each with its loader.
 
-    Generation tasks get left-padded prompts, so that every row of a batch ends where generation starts.
+    Classification batches rows longest first, which pads least; generation keeps row order and left-pads
+    prompts, so that every row of a batch ends where generation starts and the texts are those ``lorakit
+    generate`` gives.
     """
     sets = []
     for prefix, split in (splits or task.eval_splits).items():
         rows = subsample(_rows(task, split), recipe.task.max_eval_samples, recipe.train.seed)
+        order: list[int] | None = None
         if task.kind == "generation":
-            tokenized = tokenize_prompts(rows, tokenizer, recipe.task.max_length)
+            tokenized = tokenize_prompts(rows, tokenizer, recipe.task.max_length, cache=True)
             loader = build_eval_dataloader(
                 tokenized, PaddingCollator(tokenizer, padding_side="left"), recipe.generation.batch_size
             )
         else:
-            tokenized = tokenize_classification(rows, tokenizer, recipe.task.max_length)
+            tokenized = tokenize_classification(rows, tokenizer, recipe.task.max_length, cache=True)
+            order = longest_first(tokenized)
             loader = build_eval_dataloader(
-                tokenized, PaddingCollator(tokenizer), recipe.train.eval_batch_size
+                tokenized, PaddingCollator(tokenizer), recipe.train.eval_batch_size, order
             )
-        sets.append(EvalSet(prefix=prefix, split=split, rows=rows, loader=loader))
+        sets.append(EvalSet(prefix=prefix, split=split, rows=rows, loader=loader, order=order))
     return sets
