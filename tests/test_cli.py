@@ -308,3 +308,30 @@ def test_import_loralib_and_info(
     assert code == 0, err
     assert (out_dir / "adapter_model.safetensors").is_file() and (out_dir / "recipe.yaml").is_file()
     assert json.loads((out_dir / "adapter_config.json").read_text())["lora_alpha"] == 16
+
+
+def test_the_command_leaves_with_its_status_its_output_whole_and_exit_handlers_run(tmp_path: Path) -> None:
+    """`lorakit` (and `python -m lorakit`) skip the interpreter's teardown: what was printed still arrives
+    whole, the exit status is the command's, and handlers others registered with atexit still run."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "handler-ran"
+    code = (
+        "import atexit, pathlib, sys\n"
+        f"atexit.register(lambda: pathlib.Path({str(marker)!r}).write_text('yes'))\n"
+        "from lorakit.__main__ import run\n"
+        "sys.argv = ['lorakit', *sys.argv[1:]]\n"
+        "run()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    # The help's last command is listed, so the buffered output was flushed before the process left.
+    assert "Usage:" in done.stdout and "sweep" in done.stdout
+    assert marker.read_text() == "yes"
+    script = Path(sys.executable).parent / "lorakit"
+    for argv in ([str(script)], [sys.executable, "-m", "lorakit"]):
+        missing = tmp_path / "missing.yaml"
+        done = subprocess.run([*argv, "train", str(missing)], capture_output=True, text=True)
+        assert done.returncode == 2
+        assert f"{missing}: recipe file not found" in done.stderr
