@@ -11,6 +11,8 @@ from lorakit.data.batching import (
     PaddingCollator,
     build_eval_dataloader,
     build_train_dataloader,
+    in_row_order,
+    longest_first,
     padding_bounded_chunks,
     padding_waste,
 )
@@ -33,6 +35,8 @@ __all__ = [
     "PaddingCollator",
     "build_eval_dataloader",
     "build_train_dataloader",
+    "in_row_order",
+    "longest_first",
     "model_columns",
     "padding_bounded_chunks",
     "padding_waste",

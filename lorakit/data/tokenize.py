@@ -60,7 +60,7 @@ def encode_classification(
 
 
 def tokenize_classification(
-    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
+    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, cache: bool = False
 ) -> datasets.Dataset:
     """Encode ``text_a`` (and ``text_b`` as the second of a pair) into model inputs, unpadded.
 
@@ -70,11 +70,15 @@ def tokenize_classification(
     untokenized rows. Pairs longer than ``max_length`` are cut ``longest_first``: tokens go from the
     longer side, so neither sentence vanishes.
     """
-    return _map(dataset, lambda batch: encode_classification(batch, tokenizer, max_length))
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        return encode_classification(batch, tokenizer, max_length)
+
+    return _map(dataset, encode, tokenizer, "classification", max_length, cache)
 
 
 def tokenize_causal_lm(
-    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
+    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, cache: bool = False
 ) -> datasets.Dataset:
     """Encode ``prompt`` + ``target`` + eos for decoder-only training, the loss on the target alone.
 
@@ -105,11 +109,11 @@ def tokenize_causal_lm(
             out["length"].append(len(prompt) + len(answer))
         return out
 
-    return _map(dataset, encode)
+    return _map(dataset, encode, tokenizer, "causal_lm", max_length, cache)
 
 
 def tokenize_prompts(
-    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
+    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, cache: bool = False
 ) -> datasets.Dataset:
     """Encode ``prompt`` alone, for generation: ``input_ids``, ``attention_mask`` and ``length``.
 
@@ -126,13 +130,31 @@ def tokenize_prompts(
             "length": [len(ids) for ids in prompts],
         }
 
-    return _map(dataset, encode)
+    return _map(dataset, encode, tokenizer, "prompts", max_length, cache)
 
 
-def _map(dataset: datasets.Dataset, encode: Any) -> datasets.Dataset:
-    # Recomputed every time rather than read back from a cache: a stale cache keyed on a tokenizer that
-    # hashes unreliably would be a silent wrong answer, and tokenizing GLUE-sized data takes seconds.
-    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, load_from_cache_file=False)
+def _map(
+    dataset: datasets.Dataset,
+    encode: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    encoding: str,
+    max_length: int,
+    cache: bool,
+) -> datasets.Dataset:
+    """``encode`` mapped over ``dataset`` in batches; with ``cache``, the same rows read back from
+    ``lorakit.data.cache`` when a run has tokenized them before (keyed on the rows' content and the
+    tokenizer's serialized form, never on datasets' own fingerprints). Task data is cached; the prompts of
+    ``generate``, ``predict`` and ``serve`` are not: each request would leave an entry behind."""
+    from lorakit.data.cache import cached_map
+
+    def compute() -> datasets.Dataset:
+        return dataset.map(
+            encode, batched=True, remove_columns=dataset.column_names, load_from_cache_file=False
+        )
+
+    if not cache:
+        return compute()
+    return cached_map(dataset, compute, tokenizer, encoding, max_length)
 
 
 def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
