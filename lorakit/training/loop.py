@@ -31,7 +31,7 @@ from lorakit.recipe import Recipe, save_recipe
 from lorakit.runs import METRICS_FILE, RECIPE_FILE, record_latest_run, write_json
 from lorakit.tasks import get_task
 from lorakit.tasks.base import Task
-from lorakit.training import zero
+from lorakit.training import reporting, zero
 from lorakit.training.checkpoint import (
     LoopState,
     latest_checkpoint,
@@ -44,14 +44,6 @@ from lorakit.training.optimization import build_optimizer, float32_trainables, g
 from lorakit.training.preemption import StopSignals, interrupted, interrupted_at_the_end
 from lorakit.training.preflight import check_precision, check_process_count, run_dir_for
 from lorakit.training.progress import TrainProgress
-from lorakit.training.reporting import (
-    JsonlLog,
-    peak_memory,
-    plot_curves,
-    process_age_seconds,
-    quiet_libraries,
-    size_on_disk,
-)
 from lorakit.training.sharding import sliced_loader
 from lorakit.training.whole_state import checkpoint_state, restore_state, whole_trainables
 
@@ -145,7 +137,7 @@ class _Loop:
         for es in self.evals:
             es.loader = accelerator.prepare(es.loader)
         self.state = LoopState(global_batch_size=self.global_batch)
-        self.log = JsonlLog(run_dir) if accelerator.is_main_process else None
+        self.log = reporting.JsonlLog(run_dir) if accelerator.is_main_process else None
 
     def unwrapped(self) -> nn.Module:
         return self.acc.unwrap_model(self.model)
@@ -227,7 +219,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     Under a launcher (see ``lorakit.launch``) every process calls this; only the main one writes files.
     """
     t = recipe.train
-    startup = process_age_seconds()
+    startup = reporting.process_age_seconds()
     run_dir = run_dir_for(recipe, resume)
     set_seed(t.seed)
     acc = Accelerator(
@@ -244,7 +236,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     if acc.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the peak in metrics.json is this run's alone
     if not acc.is_main_process:
-        quiet_libraries()
+        reporting.quiet_libraries()
     # Every process has looked at the output directory before the main one starts filling it.
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -365,7 +357,7 @@ def _finish(loop: _Loop) -> TrainResult:
     final = {k: v for k, v in evals[-1].items() if k not in ("epoch",)}
     best = next(h for h in evals if h["step"] == state.best_step)
     counts = loop.prepared.counts
-    memory = peak_memory()
+    memory = reporting.peak_memory()
     if acc.num_processes > 1:
         # Each process has its own peak; the largest is what one device (or process) must hold.
         mine = torch.tensor([memory["peak_memory_bytes"]], device=acc.device)
@@ -392,8 +384,8 @@ def _finish(loop: _Loop) -> TrainResult:
     loop.save_trained(loop.run_dir / "final")
     if acc.is_main_process:
         weights = loop.run_dir / ("adapter_model.safetensors" if loop.prepared.lora_config else "model")
-        metrics["adapter_bytes"] = size_on_disk(weights)
-        plot_curves(state.history, task.main_metric, loop.run_dir / "curves.png")
+        metrics["adapter_bytes"] = reporting.size_on_disk(weights)
+        reporting.plot_curves(state.history, task.main_metric, loop.run_dir / "curves.png")
         # Saving: the final adapter and the plot (the best adapter's save counts in evaluation, mid-run
         # checkpoints in steps).
         metrics["seconds"] = {**loop.seconds, "steps": state.train_seconds}
