@@ -5,6 +5,7 @@ Both leave through ``run``, which skips the interpreter's teardown once the comm
 """
 
 import atexit
+import contextlib
 import os
 import sys
 from typing import NoReturn
@@ -29,8 +30,10 @@ def run() -> NoReturn:
     # One of several launched processes, its process group torn down: no exit handlers either, as
     # DeepSpeed's and gloo's native threads can abort the process there ("terminate called without an
     # active exception", seen once in CI) and turn a finished run into a failed one.
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        # A reader that went away (`lorakit ... | head`) or a closed stream: nothing left to deliver to.
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
     os._exit(status)
 
 
