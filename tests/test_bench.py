@@ -373,13 +373,19 @@ def test_whole_run_times_both_processes_and_reports_where_time_went(
     from lorakit.runs import write_json
 
     monkeypatch.setattr(bench_whole_run, "ROWS", 64)
-    result = bench_whole_run.whole_run_section(shared_data / "glue", rounds=1, precisions=("fp32",))
+    # bf16 on a CPU without bf16 instructions is recorded as not measured, not timed emulated.
+    monkeypatch.setattr(bench_whole_run, "cpu_has_bf16", lambda: False)
+    result = bench_whole_run.whole_run_section(shared_data / "glue", rounds=2, precisions=("fp32", "bf16"))
+    assert set(result["precisions"]) == {"fp32"} and "AVX-512 BF16" in result["not_measured"]["bf16"]
     p = result["precisions"]["fp32"]
-    lorakit, trainer = p["runs"]["lorakit"][0], p["runs"]["trainer"][0]
-    for run in (lorakit, trainer):
-        assert set(run["seconds"]) == set(bench_whole_run.PHASES)
-        assert sum(run["seconds"].values()) <= run["wall_s"] and 0 <= run["accuracy"] <= 100
-    assert p["ratios"] == [pytest.approx(lorakit["wall_s"] / trainer["wall_s"])]
+    for lorakit, trainer in zip(p["runs"]["lorakit"], p["runs"]["trainer"], strict=True):
+        for run in (lorakit, trainer):
+            assert set(run["seconds"]) == set(bench_whole_run.PHASES)
+            assert sum(run["seconds"].values()) <= run["wall_s"] and 0 <= run["accuracy"] <= 100
+    pairs = zip(p["runs"]["lorakit"], p["runs"]["trainer"], strict=True)
+    assert p["ratios"] == [pytest.approx(a["wall_s"] / b["wall_s"]) for a, b in pairs]
+    # The second lorakit run read its rows from the tokenized-rows cache the first wrote.
+    assert result["later_runs_read_the_cache"] is True
     write_json(
         tmp_path / "whole-run.json",
         {
@@ -394,3 +400,7 @@ def test_whole_run_times_both_processes_and_reports_where_time_went(
     row = _target(results, "MiniLM SST-2 whole `lorakit train` fp32: wall ≤ 0.60× Trainer + PEFT")
     assert row.endswith("| yes |" if p["ratio_median"] <= 0.6 else "| **no** |")
     assert "| fp32 | Trainer + PEFT |" in results
+    row = _target(results, "MiniLM SST-2 whole `lorakit train` bf16: wall ≤ 0.60× Trainer + PEFT")
+    assert "not measured: this CPU has no AVX-512 BF16" in row and row.endswith("| **no** |")
+    assert "bf16: not measured in this run" in results
+    assert "the 1 after it read them from the tokenized-rows cache" in results
