@@ -72,6 +72,9 @@ def test_a_mixed_precision_step_on_a_half_base_keeps_trainable_weights_float32(
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in trainable.values())
     assert all(p.device.type == device for p in trainable.values())
+    # Adam's moments too: one per trainable tensor, float32 like the weights they update.
+    moments = [optimizer.state[p][k] for p in trainable.values() for k in ("exp_avg", "exp_avg_sq")]
+    assert len(moments) == 2 * len(trainable) and {m.dtype for m in moments} == {torch.float32}
     moved = [n for n, p in _lora(model).items() if "lora_B" in n and not torch.equal(p, before[n])]
     assert moved and all(torch.isfinite(p).all() for p in trainable.values())
 
