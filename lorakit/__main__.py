@@ -25,11 +25,11 @@ def run() -> NoReturn:
     status = main()
     from lorakit.training.preflight import launched_world_size  # only once the command is done
 
+    # One of several launched processes, its process group torn down, skips the exit handlers too: DeepSpeed's
+    # and gloo's native threads can abort the process there ("terminate called without an active
+    # exception", seen once in CI) and turn a finished run into a failed one.
     if launched_world_size() == 1:
-        atexit._run_exitfuncs()
-    # One of several launched processes, its process group torn down: no exit handlers either, as
-    # DeepSpeed's and gloo's native threads can abort the process there ("terminate called without an
-    # active exception", seen once in CI) and turn a finished run into a failed one.
+        atexit._run_exitfuncs()  # the interpreter's own runner of them; no public API runs them early
     for stream in (sys.stdout, sys.stderr):
         # A reader that went away (`lorakit ... | head`) or a closed stream: nothing left to deliver to.
         with contextlib.suppress(OSError, ValueError):

@@ -1,6 +1,7 @@
 """From a task's rows to token ids: seeded subsets, and the encodings for classification, causal-LM
 training and generation prompts. Sequences stay unpadded and each row records its ``length``, which the
-batching (``lorakit.data.batching``) pads and groups by."""
+batching (``lorakit.data.batching``) pads and groups by. With ``cache=True`` (a task's rows, not ad-hoc
+prompts) the encodings are kept between runs by ``lorakit.data.cache``."""
 
 from __future__ import annotations
 
