@@ -27,9 +27,14 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=float) + "\n")
 
 
+def lorakit_home() -> Path:
+    """Where lorakit keeps what outlives a run (the latest-run pointer, caches): ``$LORAKIT_HOME``, else
+    ``~/.cache/lorakit``."""
+    return Path(os.environ.get("LORAKIT_HOME", Path.home() / ".cache" / "lorakit"))
+
+
 def _latest_pointer() -> Path:
-    home = Path(os.environ.get("LORAKIT_HOME", Path.home() / ".cache" / "lorakit"))
-    return home / "latest_run"
+    return lorakit_home() / "latest_run"
 
 
 def record_latest_run(run_dir: Path) -> None:

@@ -67,12 +67,9 @@ def _recipe(data: Path, out: Path, precision: str) -> dict[str, Any]:
     }
 
 
-def _run(argv: list[str], home: Path) -> float:
+def _run(argv: list[str]) -> float:
     start = time.perf_counter()
-    # A scratch LORAKIT_HOME: the first lorakit run of the bench tokenizes, later ones read the cache as a
-    # user's next run would, and the user's own cache is left alone.
-    env = {**os.environ, "LORAKIT_HOME": str(home)}
-    done = subprocess.run(argv, capture_output=True, text=True, env=env)
+    done = subprocess.run(argv, capture_output=True, text=True, env=os.environ.copy())
     wall = time.perf_counter() - start
     if done.returncode:
         raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -80,6 +77,8 @@ def _run(argv: list[str], home: Path) -> float:
 
 
 def _cache_entries(home: Path) -> dict[str, int]:
+    # scratch() makes the bench's temporary directory LORAKIT_HOME: the first lorakit run tokenizes, later
+    # ones read the cache as a user's next run would, and the user's own cache is left alone.
     root = home / "cache" / "tokenized"
     return {p.name: p.stat().st_mtime_ns for p in root.iterdir()} if root.is_dir() else {}
 
@@ -88,7 +87,7 @@ def _lorakit(tmp: Path, data: Path, precision: str, name: str) -> dict[str, Any]
     out = tmp / name
     recipe = tmp / f"{name}.yaml"
     recipe.write_text(yaml.safe_dump(_recipe(data, out, precision)))
-    wall = _run([str(Path(sys.executable).parent / "lorakit"), "train", str(recipe)], tmp / "home")
+    wall = _run([str(Path(sys.executable).parent / "lorakit"), "train", str(recipe)])
     metrics = json.loads((out / "metrics.json").read_text())
     return {"wall_s": wall, "seconds": metrics["seconds"], "accuracy": metrics["final"]["accuracy"]}
 
@@ -105,7 +104,7 @@ def _trainer(tmp: Path, data: Path, precision: str, name: str) -> dict[str, Any]
     argv += [str(data), str(tmp / name), "--timings", str(timings)] + (
         ["--bf16"] if precision == "bf16" else []
     )
-    wall = _run(argv, tmp / "home")
+    wall = _run(argv)
     return {"wall_s": wall, **json.loads(timings.read_text())}
 
 
@@ -145,7 +144,7 @@ def whole_run_section(
                     runs[who].append(run)
                     print(f"[whole-run] {precision} round {i} {who}: {run['wall_s']:.1f} s", flush=True)
                     if who == "lorakit":
-                        entries.append(_cache_entries(tmp / "home"))
+                        entries.append(_cache_entries(tmp))
             ratios = [
                 a["wall_s"] / b["wall_s"] for a, b in zip(runs["lorakit"], runs["trainer"], strict=True)
             ]

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lorakit.runs import lorakit_home
+
 if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedTokenizerBase
@@ -36,8 +38,7 @@ def cache_dir() -> Path | None:
     """Where entries live, or None when ``LORAKIT_TOKENIZED_CACHE=0`` turns the cache off."""
     if os.environ.get("LORAKIT_TOKENIZED_CACHE", "1") == "0":
         return None
-    home = Path(os.environ.get("LORAKIT_HOME", Path.home() / ".cache" / "lorakit"))
-    return home / "cache" / "tokenized"
+    return lorakit_home() / "cache" / "tokenized"
 
 
 def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str | None:
