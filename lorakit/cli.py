@@ -128,12 +128,11 @@ def import_loralib(
     """Convert a loralib checkpoint into a PEFT-format adapter directory that eval and merge accept."""
     from lorakit.lora import import_loralib_checkpoint
     from lorakit.recipe import load_recipe, save_recipe
-    from lorakit.tasks import GENERATION_NAMES
 
     loaded = load_recipe(recipe, [f"output_dir={out}"])
     if not checkpoint.is_file():
         raise UserError("checkpoint file not found", where=str(checkpoint))
-    task_type = "CAUSAL_LM" if loaded.task.name in GENERATION_NAMES else "SEQ_CLS"
+    task_type = "CAUSAL_LM" if loaded.task.is_generation else "SEQ_CLS"
     try:
         import_loralib_checkpoint(checkpoint, out, loaded.lora.alpha, loaded.model.name_or_path, task_type)
     except (ValueError, RuntimeError) as exc:  # not a state dict, or a pickle that is not plain tensors

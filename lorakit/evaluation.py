@@ -1,23 +1,27 @@
 """Evaluation: predictions over an evaluation set, gathered across processes, scored by the task.
 
-Classification takes the arg-max class, regression the single output, generation decodes with beam
-search (or greedy with ``num_beams: 1``) and scores the text.
+Classification takes the arg-max class, regression the single output, multilabel every class whose logit
+is above 0; generation decodes with beam search (or greedy with ``num_beams: 1``) and scores the text, and
+for tasks with ``eval_loss`` also reports the loss and perplexity over the reference tokens.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
 from lorakit.data.batching import in_row_order
 from lorakit.data.loaders import EvalSet
+from lorakit.data.tokenize import IGNORE_INDEX
 from lorakit.tasks.base import Task
 
 
@@ -33,14 +37,42 @@ def _model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def predict_labels(model: nn.Module, loader: DataLoader, task: Task, accelerator: Accelerator) -> list[Any]:
-    """Class ids (or regression values) for every row of ``loader``, in the loader's order, each row once."""
+    """Class ids (regression values; multi-hot rows for multilabel) for every row of ``loader``, in the
+    loader's order, each row once."""
     model.eval()
     out: list[torch.Tensor] = []
     for batch in loader:
         logits = model(**_model_inputs(batch)).logits
-        pred = logits.squeeze(-1).float() if task.kind == "regression" else logits.argmax(-1)
+        if task.kind == "regression":
+            pred = logits.squeeze(-1).float()
+        elif task.kind == "multilabel":
+            pred = (logits > 0).long()  # sigmoid(logit) > 0.5
+        else:
+            pred = logits.argmax(-1)
         out.append(accelerator.gather_for_metrics(pred))
     return torch.cat(out).cpu().tolist() if out else []
+
+
+@torch.no_grad()
+def reference_loss(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
+    """The mean next-token loss over every labelled token of ``loader`` (all batches and processes pooled,
+    so each token weighs alike), and its perplexity."""
+    model.eval()
+    total, tokens = 0.0, 0
+    for batch in loader:
+        logits = model(**_model_inputs(batch)).logits
+        # Position t predicts token t + 1; the last position predicts nothing.
+        labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+        losses = F.cross_entropy(
+            logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        # Per row, gathered as predictions are: the copies that pad a process's last batch drop out.
+        row_sums = accelerator.gather_for_metrics(losses.sum(1).double())
+        row_tokens = accelerator.gather_for_metrics((labels != IGNORE_INDEX).sum(1))
+        total += float(row_sums.sum())
+        tokens += int(row_tokens.sum())
+    loss = total / max(tokens, 1)
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0))}
 
 
 class _GeneratedNoRepeatNGram:
@@ -140,17 +172,13 @@ def evaluate(
         if es.order is not None:
             preds = in_row_order(preds, es.order)
         predictions[es.split] = preds
-        for name, value in task.compute_metrics(preds, es.rows).items():
+        scores = task.compute_metrics(preds, es.rows)
+        if es.loss_loader is not None:
+            scores = {**reference_loss(model, es.loss_loader, accelerator), **scores}
+        for name, value in scores.items():
             metrics[metric_key(es.prefix, name)] = float(value)
     model.train(was_training)
     return metrics, predictions
-
-
-def _readable(prediction: Any, task: Task) -> Any:
-    names = getattr(task, "label_names", None)
-    if task.kind == "classification" and names:
-        return names[int(prediction)]
-    return prediction
 
 
 def write_predictions(out_dir: Path, split: str, predictions: list[Any], rows: Any, task: Task) -> Path:
@@ -166,7 +194,7 @@ def write_predictions(out_dir: Path, split: str, predictions: list[Any], rows: A
     has_references = "references" in rows.column_names
     lines = []
     for i, pred in enumerate(predictions):
-        record: dict[str, Any] = {"row": i, "prediction": pred, "readable": _readable(pred, task)}
+        record: dict[str, Any] = {"row": i, "prediction": pred, "readable": task.readable(pred)}
         if "label" in rows.column_names:
             record["label"] = rows[i]["label"]
         if has_references:
@@ -175,13 +203,7 @@ def write_predictions(out_dir: Path, split: str, predictions: list[Any], rows: A
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     tmp.replace(path)
-    if task.name == "e2e":
-        # Imported here: the scorer's module pulls in its Java helpers, which classification never needs.
-        from lorakit.scoring.e2e import write_predictions as write_outputs
-        from lorakit.scoring.e2e import write_references
-
-        write_outputs(out_dir / f"predictions-{split}.txt", [str(p) for p in predictions])
-        write_references(out_dir / f"references-{split}.txt", [list(refs) for refs in rows["references"]])
+    task.write_outputs(out_dir, split, predictions, rows)
     return path
 
 
@@ -192,12 +214,15 @@ def evaluate_run(
     ``RUN_DIR/eval/metrics-<split>.json`` and ``predictions-<split>.jsonl`` and returns the metrics."""
     from lorakit.data.loaders import eval_sets
     from lorakit.models import load_trained
-    from lorakit.recipe import load_recipe
+    from lorakit.recipe import load_trained_recipe
     from lorakit.runs import RECIPE_FILE, write_json
-    from lorakit.tasks import get_task
+    from lorakit.tasks import build_task
 
-    recipe = load_recipe(run_dir / RECIPE_FILE, overrides)
-    task = get_task(recipe.task.name, recipe.task.data_dir)
+    # The data stays (and is checked): --set task.data_dir=... points a run at data that has moved.
+    recipe = load_trained_recipe(run_dir / RECIPE_FILE, overrides, keep_data=True)
+    task = build_task(recipe.task)
+    if split is not None:
+        task.check_split(split)
     splits = {"": split} if split else task.eval_splits
     prepared = load_trained(run_dir, recipe, task)
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)

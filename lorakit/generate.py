@@ -20,7 +20,6 @@ the run's (``--recipe RUN_DIR/recipe.yaml``) to get its task and decoding, else 
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from lorakit.errors import UserError
 
 if TYPE_CHECKING:
     from lorakit.recipe import Recipe
+    from lorakit.tasks.base import Task
 
 RAW = "none"  # --task value: use inputs as prompts unchanged
 # A literal --input with one of these endings (and no spaces) is taken for a missing file, not a text.
@@ -95,63 +95,32 @@ def _lines(text: str, where: str) -> list[Input]:
     return inputs
 
 
-def e2e_prompt(text: str) -> str:
-    """The E2E prompt for an MR in the CSV form or the LoRA files' form (a ``MR||reference`` line too).
-    Raises ValueError for text that is neither."""
-    from lorakit.tasks.e2e import prompt_from_csv_mr, prompt_from_txt_mr
-
-    mr = text.split("||", 1)[0].strip().strip('"')
-    # Brackets mark the CSV form (slot[value]); the LoRA form writes slot : value.
-    if "[" in mr:
-        return prompt_from_csv_mr(mr)
-    return prompt_from_txt_mr(mr)
-
-
-def wikisql_prompt(text: str) -> str:
-    """The WikiSQL prompt for a JSON object with ``question`` (a string) and ``header`` (column names).
-    Raises ValueError otherwise."""
-    from lorakit.tasks.wikisql import build_prompt
-
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError:
-        record = None
-    header = record.get("header") if isinstance(record, dict) else None
-    question = record.get("question") if isinstance(record, dict) else None
-    if not isinstance(question, str) or not isinstance(header, list) or not header:
-        raise ValueError('expected a JSON object {"question": "...", "header": ["column", ...]}')
-    return build_prompt(question, [str(name) for name in header])
-
-
-_PROMPTS = {"e2e": e2e_prompt, "wikisql": wikisql_prompt}
-
-
-def build_prompts(inputs: list[Input], task: str | None) -> list[str]:
-    """Each input as the prompt of ``task`` (``e2e``, ``wikisql``), or unchanged for None."""
+def build_prompts(inputs: list[Input], task: Task | None, tokenizer: Any = None) -> list[str]:
+    """Each input as the prompt of ``task`` (its ``prompt_from_input``), or unchanged for None. A chat
+    task renders with ``tokenizer``'s template; without it the inputs are only checked."""
     if task is None:
         return [item.text for item in inputs]
-    make = _PROMPTS[task]
     prompts = []
     for item in inputs:
         try:
-            prompts.append(make(item.text))
+            if tokenizer is not None and getattr(task, "chat", False):
+                prompts.append(task.prompt_from_input(item.text, tokenizer))  # type: ignore[call-arg]
+            else:
+                prompts.append(task.prompt_from_input(item.text))
         except ValueError as exc:
-            raise UserError(f"not a valid {task} input: {exc}", where=item.where) from None
+            raise UserError(f"not a valid {task.name} input: {exc}", where=item.where) from None
     return prompts
 
 
 def _load_recipe(path: Path) -> Recipe:
     from lorakit.recipe import load_trained_recipe
-    from lorakit.tasks import GENERATION_NAMES
 
     if not path.is_file():
         raise UserError("recipe file not found", where=str(path))
     recipe = load_trained_recipe(path)
-    if recipe.task.name not in GENERATION_NAMES:
-        raise UserError(
-            f"generation needs a generation task ({', '.join(GENERATION_NAMES)}), not {recipe.task.name}",
-            where=recipe.where("task.name"),
-        )
+    if not recipe.task.is_generation:
+        what = recipe.task.name or f"type {recipe.task.type}"
+        raise UserError(f"generation needs a generation task, not {what}", where=recipe.where("task"))
     return recipe
 
 
@@ -184,11 +153,11 @@ def load_model(model_dir: Path, recipe: Recipe | None) -> Loaded:
     """
     if not (model_dir / "config.json").is_file():
         from lorakit.models import load_trained
-        from lorakit.tasks import get_task
+        from lorakit.tasks import build_task
 
         if recipe is None:
             raise UserError("a run directory needs its recipe.yaml", where=str(model_dir))
-        prepared = load_trained(model_dir, recipe, get_task(recipe.task.name))
+        prepared = load_trained(model_dir, recipe, build_task(recipe.task))
         return Loaded(prepared.model, prepared.tokenizer, recipe)
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -232,27 +201,25 @@ def decoding(
     return base.model_copy(update=update)
 
 
-def _task_name(task: str | None, recipe: Recipe | None) -> str | None:
-    from lorakit.tasks import GENERATION_NAMES
+def _task(task: str | None, recipe: Recipe | None) -> Task | None:
+    """The task whose prompts and clean-up apply: ``--task`` (a built-in generation task, or ``none``),
+    else the recipe's."""
+    from lorakit.tasks import GENERATION_NAMES, build_task, get_task
 
     if task is None:
-        return recipe.task.name if recipe is not None else None
+        return build_task(recipe.task) if recipe is not None else None
     name = task.strip().lower()
     if name == RAW:
         return None
     if name not in GENERATION_NAMES:
         choices = ", ".join((*GENERATION_NAMES, RAW))
         raise UserError(f"unknown task {task!r}; choose one of {choices}", "--task")
-    return name
+    return get_task(name)
 
 
-def one_line(text: str, task: str | None) -> str:
-    """A generated text as one output line, as ``lorakit generate`` prints it."""
-    # WikiSQL reads a query from the first line (text_to_sql); anything else is kept whole, its line
-    # breaks made spaces as the E2E predictions file writes them, so that each output is one line.
-    if task == "wikisql":
-        return next(iter(text.splitlines()), "").strip()
-    return " ".join(text.splitlines()).strip()
+def one_line(text: str, task: Task | None) -> str:
+    """A generated text as one output line, as ``lorakit generate`` prints it (the task's clean-up)."""
+    return task.clean_output(text) if task is not None else " ".join(text.splitlines()).strip()
 
 
 def generate(
@@ -274,10 +241,11 @@ def generate(
 
     inputs = read_inputs(input_spec)
     recipe = resolve_recipe(model_dir, recipe_path)
-    task_name = _task_name(task, recipe)
-    prompts = build_prompts(inputs, task_name)  # before loading weights: a bad input fails at once
+    chosen = _task(task, recipe)
+    build_prompts(inputs, chosen)  # before loading weights: a bad input fails at once
     settings = decoding(recipe, num_beams, max_new_tokens, greedy)
     loaded = load_model(model_dir, recipe)
+    prompts = build_prompts(inputs, chosen, loaded.tokenizer)
     if recipe is not None:
         max_length = recipe.task.max_length
     else:
@@ -285,7 +253,7 @@ def generate(
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision if recipe is not None else "no")
     model = accelerator.prepare(loaded.model)
     texts = generate_from_prompts(model, loaded.tokenizer, prompts, settings, max_length, accelerator)
-    return [one_line(text, task_name) for text in texts]
+    return [one_line(text, chosen) for text in texts]
 
 
 def prompt_room(config: Any, max_new_tokens: int) -> int:

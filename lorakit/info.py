@@ -21,7 +21,7 @@ from lorakit.errors import UserError
 from lorakit.lora import LoraFusedLinear, ParameterCounts, count_parameters, lora_modules, saved_module_names
 from lorakit.models import apply_lora, empty_model, model_config
 from lorakit.recipe import Recipe
-from lorakit.tasks import get_task
+from lorakit.tasks import build_task
 
 ADAM_BYTES_PER_PARAM = 8  # AdamW keeps two fp32 moments per trainable parameter
 MAX_TARGET_LINES = 8
@@ -140,7 +140,7 @@ def _adapted_names(model: nn.Module) -> list[str]:
 def describe(recipe: Recipe) -> InfoReport:
     """Parameter counts, adapter size, LoRA targets and a training-memory estimate for ``recipe``,
     from the model's config alone (no weights are read, none are allocated)."""
-    task = get_task(recipe.task.name, None)  # sizes the head; constructing a task reads no data
+    task = build_task(recipe.task)  # sizes the head; reads own data only for labels not in the recipe
     config = model_config(recipe, task)
     model = empty_model(recipe, task, config)
     base = list(_unique_params(model))

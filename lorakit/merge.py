@@ -7,7 +7,7 @@ from pathlib import Path
 from lorakit.errors import UserError
 from lorakit.lora import unload_lora
 from lorakit.outputs import check_out, write_dir
-from lorakit.runs import write_json
+from lorakit.runs import RECIPE_FILE, write_json
 
 # Written into every merged directory: what makes a later merge into it a replacement, not a deletion.
 MERGE_MARKER = "lorakit_merge.json"
@@ -22,15 +22,16 @@ def merge_run(run_dir: Path, out_dir: Path) -> Path:
     refused: lorakit never deletes what it did not write.
     """
     from lorakit.models import load_trained
-    from lorakit.recipe import load_recipe
-    from lorakit.tasks import get_task
+    from lorakit.recipe import load_trained_recipe
+    from lorakit.tasks import build_task
 
     out_dir = Path(out_dir)
     check_out(out_dir, MERGE_MARKER, "merge")  # before anything loads
-    recipe = load_recipe(run_dir / "recipe.yaml")
+    # Merging needs the weights only: the run's data (and init_from) may have moved since training.
+    recipe = load_trained_recipe(run_dir / RECIPE_FILE)
     if recipe.method != "lora":
         raise UserError(f"{run_dir} is a full fine-tuning run: its model/ directory is already a plain model")
-    task = get_task(recipe.task.name, recipe.task.data_dir)
+    task = build_task(recipe.task)
     prepared = load_trained(run_dir, recipe, task)
     model = unload_lora(prepared.model, merge=True)
 

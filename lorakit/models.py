@@ -51,6 +51,22 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 FULL_MODEL_DIR = "model"  # where training saves a full fine-tuning run's model, inside the run dir
+# transformers' name for each kind of head, which its own loss and pipelines follow.
+_PROBLEM_TYPES = {"regression": "regression", "multilabel": "multi_label_classification"}
+# Adapter-file metadata (safetensors header) with the task's kind and class names, for readers without
+# the run's recipe (a PEFT folder handed to `lorakit predict`).
+KIND_METADATA = "lorakit.task_kind"
+LABELS_METADATA = "lorakit.label_names"
+
+
+def head_metadata(task: Task | HeadSpec) -> dict[str, str]:
+    """The adapter-file metadata that names the task's kind and class names."""
+    import json
+
+    meta = {KIND_METADATA: task.kind}
+    if task.label_names:
+        meta[LABELS_METADATA] = json.dumps(list(task.label_names), ensure_ascii=False)
+    return meta
 
 
 @dataclass(frozen=True)
@@ -59,7 +75,7 @@ class HeadSpec:
     label count and, where known, the label names. Read where a ``Task`` is: ``model_class``,
     ``model_config``, ``build_model``."""
 
-    kind: str  # classification | regression | generation
+    kind: str  # classification | regression | multilabel | generation
     num_labels: int
     label_names: list[str] | None = None
 
@@ -135,7 +151,7 @@ def model_config(recipe: Recipe, task: Task | HeadSpec) -> PretrainedConfig:
     else:
         config.num_labels = task.num_labels
     # Set explicitly so that a checkpoint fine-tuned on another kind of task does not carry its own.
-    config.problem_type = "regression" if task.kind == "regression" else "single_label_classification"
+    config.problem_type = _PROBLEM_TYPES.get(task.kind, "single_label_classification")
     if getattr(config, "pad_token_id", None) is None:
         # GPT-2's classifier reads the last non-pad token and refuses batches without a pad id;
         # the tokenizer pads with eos (load_tokenizer), so the model must know eos is the pad.

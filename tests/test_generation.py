@@ -22,9 +22,9 @@ import yaml
 from lorakit.cli import main
 from lorakit.errors import UserError
 from lorakit.evaluation import _GeneratedNoRepeatNGram
-from lorakit.generate import e2e_prompt, read_inputs, wikisql_prompt
+from lorakit.generate import read_inputs
 from lorakit.tasks.e2e import E2ETask
-from lorakit.tasks.wikisql import build_prompt
+from lorakit.tasks.wikisql import WikiSQLTask, build_prompt
 from lorakit.tasks.wikisql_sql import sql_to_text
 
 # Random base weights give LoRA on the q/v slices alone too little grip to memorise text in a few dozen
@@ -235,6 +235,7 @@ def test_e2e_inputs_in_either_form_give_the_task_prompt(shared_data: Path) -> No
     with open(shared_data / "e2e" / "devset.csv", encoding="utf-8", newline="") as f:
         csv_mr = next(csv.DictReader(f))["mr"]
     lora_line = (shared_data / "e2e" / "valid.txt").read_text(encoding="utf-8").splitlines()[0]
+    e2e_prompt = E2ETask().prompt_from_input
     assert e2e_prompt(csv_mr) == e2e_prompt(lora_line) == e2e_prompt(lora_line.split("||")[0]) == task_prompt
     with pytest.raises(ValueError):
         e2e_prompt("a cheap place by the river")
@@ -242,6 +243,7 @@ def test_e2e_inputs_in_either_form_give_the_task_prompt(shared_data: Path) -> No
 
 def test_wikisql_input_needs_question_and_header() -> None:
     line = json.dumps({"question": "Who wears  number 3?", "header": ["Player", "No."]})
+    wikisql_prompt = WikiSQLTask().prompt_from_input
     assert wikisql_prompt(line) == build_prompt("Who wears number 3?", ["Player", "No."])
     for bad in ("Who wears number 3?", '{"question": "Who?"}', '{"question": "Who?", "header": []}'):
         with pytest.raises(ValueError, match="header"):

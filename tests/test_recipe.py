@@ -35,7 +35,7 @@ def test_defaults_match_the_design() -> None:
     assert recipe.model.dtype == "float32"
     assert recipe.model.trust_remote_code is False
     assert recipe.model.tokenizer is None
-    assert recipe.task.model_dump() == {
+    assert recipe.task.as_written() == {
         "name": "mnli",
         "data_dir": None,
         "max_length": 128,

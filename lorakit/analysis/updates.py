@@ -136,10 +136,10 @@ def _base_model(source: AdapterSource) -> nn.Module:
     from lorakit.models import HeadSpec, build_model, model_class
 
     if source.recipe is not None:
-        from lorakit.tasks import get_task
+        from lorakit.tasks import build_task
 
         recipe = source.recipe
-        return build_model(recipe, get_task(recipe.task.name, recipe.task.data_dir))
+        return build_model(recipe, build_task(recipe.task))
     base = source.file_config.get("base_model_name_or_path")
     if not base:
         raise UserError("a PEFT adapter without a recipe or base_model_name_or_path", str(source.path))

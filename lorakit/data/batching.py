@@ -32,7 +32,8 @@ class PaddingCollator:
     ``input_ids`` are padded with the tokenizer's pad id (its eos id when it has none, as GPT-2; the
     attention mask hides pads either way), ``attention_mask`` and ``token_type_ids`` with 0, token-level
     ``labels`` with ``IGNORE_INDEX``. Sequence-level labels (one number a row) become a long tensor, or a
-    float one for regression. Keys outside ``MODEL_COLUMNS`` (``length``, text) are dropped.
+    float one for regression; multi-hot rows (lists of floats, multilabel) a float ``(batch, labels)``
+    one. Keys outside ``MODEL_COLUMNS`` (``length``, text) are dropped.
 
     ``padding_side="left"`` lines prompts up at their ends, for batched generation with decoder-only
     models. ``pad_to_multiple_of`` rounds the width up (tensor cores prefer multiples of 8).
@@ -70,6 +71,10 @@ class PaddingCollator:
                 labels = np.asarray(values)
                 is_float = labels.dtype.kind == "f"
                 batch[key] = torch.as_tensor(labels, dtype=torch.float32 if is_float else torch.long)
+                continue
+            if key == "labels" and isinstance(values[0][0] if len(values[0]) else 0, float):
+                # Multi-hot rows (multilabel): one float a class, every row as wide as the head.
+                batch[key] = torch.as_tensor(np.asarray(values, dtype=np.float32))
                 continue
             pad = IGNORE_INDEX if key == "labels" else 0 if key in _PAD_WITH_ZERO else self.pad_token_id
             batch[key] = self._pad(values, width, pad)

@@ -3,7 +3,8 @@ with the same tokenizer reads them back instead of tokenizing again.
 
 An entry is found by a key over everything its ids depend on: the rows' content (every selected row, hashed),
 the tokenizer's whole serialized form (vocabulary, merges, normalizer, post-processor, added tokens) and
-settings, the encoding's name and ``max_length``, the source of ``lorakit.data.tokenize`` and the versions of
+settings, the encoding's name and ``max_length``, the source of ``lorakit.data.tokenize`` and
+``lorakit.data.completions``, and the versions of
 transformers and tokenizers. Nothing weaker (a path, a mtime, a pickled object's hash) goes into it: a stale
 entry would be a silent wrong answer. Tokenizers without a serialized form (slow, Python-only ones) are not
 cached. Entries are Arrow files written by ``datasets`` (no pickles), into a temporary directory renamed into
@@ -31,7 +32,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_ENCODING_SOURCE = Path(__file__).with_name("tokenize.py")
+# The encoders' source: a change to how rows become ids must not read back entries of the old encoding.
+_ENCODING_SOURCES = (Path(__file__).with_name("tokenize.py"), Path(__file__).with_name("completions.py"))
 
 
 def cache_dir() -> Path | None:
@@ -102,7 +104,7 @@ def cached_map(
     import datasets
 
     parts = [rows_digest(rows), token_key, encoding, str(max_length)]
-    parts.append(hashlib.sha256(_ENCODING_SOURCE.read_bytes()).hexdigest())
+    parts += [hashlib.sha256(source.read_bytes()).hexdigest() for source in _ENCODING_SOURCES]
     entry = root / hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()
     if (entry / "dataset_info.json").is_file():
         try:

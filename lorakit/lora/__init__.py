@@ -8,6 +8,7 @@ from lorakit.lora.adapter_io import (
     WEIGHTS_NAME,
     load_adapter,
     read_adapter,
+    read_adapter_metadata,
     save_adapter,
     write_adapter_files,
 )
@@ -104,6 +105,7 @@ __all__ = [
     "paper_targets",
     "read_adapter",
     "resolve_defaults",
+    "read_adapter_metadata",
     "save_adapter",
     "saved_module_names",
     "seq_cls_heads",

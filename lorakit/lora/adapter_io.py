@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lorakit.lora.files import atomic_write, read_json_object, read_safetensors
+from lorakit.lora.files import atomic_write, read_json_object, read_safetensors, read_safetensors_metadata
 from lorakit.lora.heads import SavedModules
 from lorakit.lora.inject import (
     LoraConfig,
@@ -200,13 +200,20 @@ def save_adapter(
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
     adapter: str | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Save the model's LoRA adapter ``adapter`` (None: the active one) with its saved modules and biases
-    in PEFT's format; returns the dir."""
+    in PEFT's format; returns the dir. ``metadata``: more safetensors header entries (PEFT ignores them;
+    lorakit records its task's label names there)."""
     tensors, fused = adapter_tensors(model, config, adapter)
     cfg = adapter_config_dict(model, config, base_model_name_or_path, task_type, adapter)
-    meta = fused_metadata(fused)
-    return write_adapter_files(out_dir, tensors, cfg, meta)
+    meta = {**(fused_metadata(fused) or {}), **(metadata or {})}
+    return write_adapter_files(out_dir, tensors, cfg, meta or None)
+
+
+def read_adapter_metadata(adapter_dir: str | Path) -> dict[str, str]:
+    """The safetensors header entries of an adapter directory's weights file (no tensors are read)."""
+    return read_safetensors_metadata(Path(adapter_dir) / WEIGHTS_NAME)
 
 
 def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:

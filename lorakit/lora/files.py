@@ -78,6 +78,11 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     return _reading(path, lambda f: ({k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}))  # noqa: SIM118
 
 
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    """The header metadata of a safetensors file, without reading its tensors; BrokenFileError as above."""
+    return _reading(path, lambda f: dict(f.metadata() or {}))
+
+
 def _reading(path: Path, read: Callable[[Any], T]) -> T:
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -96,7 +96,9 @@ class Predictor:
         self.info[source.name] = {
             "name": source.name,
             "path": str(source.path),
-            "task": source.recipe.task.name if source.recipe is not None else None,
+            "task": (source.recipe.task.name or source.recipe.task.type)
+            if source.recipe is not None
+            else None,
             "kind": source.kind,
             "num_labels": source.num_labels,
             "rank": config.r,
@@ -187,8 +189,12 @@ class Predictor:
         source = self.sources[name]
         if source.kind == "regression":
             return {"adapter": name, "prediction": scores[0], "readable": scores[0], "scores": scores}
-        label = max(range(len(scores)), key=scores.__getitem__)
         names = source.label_names
+        if source.kind == "multilabel":  # every class whose logit is above 0, as evaluation counts them
+            hot = [int(score > 0) for score in scores]
+            readable_set = [names[i] if names else f"LABEL_{i}" for i, on in enumerate(hot) if on]
+            return {"adapter": name, "prediction": hot, "readable": readable_set, "scores": scores}
+        label = max(range(len(scores)), key=scores.__getitem__)
         readable = names[label] if names and label < len(names) else f"LABEL_{label}"
         return {"adapter": name, "prediction": label, "readable": readable, "scores": scores}
 
@@ -203,14 +209,14 @@ class Predictor:
         )
 
         source = self.sources[name]
-        prompts = build_prompts([Input(r.text, r.where) for r in rows], source.task_name)
+        prompts = build_prompts([Input(r.text, r.where) for r in rows], source.task, self.tokenizer)
         settings = decoding(source.recipe)
         length = source.max_length or prompt_room(self.model.config, settings.max_new_tokens)
         with self._using(name):
             texts = generate_from_prompts(
                 self.model, self.tokenizer, prompts, settings, length, self.accelerator
             )
-        return [one_line(t, source.task_name) for t in texts]
+        return [one_line(t, source.task) for t in texts]
 
     @contextlib.contextmanager
     def _using(self, name: str) -> Iterator[None]:
@@ -228,4 +234,4 @@ def check_prompts(sources: dict[str, AdapterSource], rows: Sequence[Row]) -> Non
     for row in rows:
         source = sources[row.adapter]
         if source.kind == "generation":
-            build_prompts([Input(row.text, row.where)], source.task_name)
+            build_prompts([Input(row.text, row.where)], source.task)

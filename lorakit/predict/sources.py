@@ -22,6 +22,7 @@ from lorakit.runs import RECIPE_FILE
 
 if TYPE_CHECKING:
     from lorakit.recipe import Recipe
+    from lorakit.tasks.base import Task
 
 _HEAD_OUTPUTS = ("out_proj.weight", "classifier.weight", "score.weight")
 
@@ -33,10 +34,10 @@ class AdapterSource:
     name: str
     path: Path
     base: str  # the base model it was trained on: a hub id or a local directory
-    kind: str  # classification | regression | generation
+    kind: str  # classification | regression | multilabel | generation
     num_labels: int  # 0 for generation
     label_names: list[str] | None
-    task_name: str | None  # the task whose prompts and decoding a generation adapter uses
+    task: Task | None  # the task whose prompts and output clean-up a generation adapter uses
     max_length: int | None  # None: the tokenizer's own limit
     recipe: Recipe | None  # None for a plain PEFT directory
     where: str  # "--adapter NAME=DIR", for error messages
@@ -59,6 +60,17 @@ def parse_adapter_spec(spec: str) -> tuple[str, Path]:
     return name, Path(path.strip())
 
 
+def _recorded_head(path: Path) -> tuple[str | None, list[str] | None]:
+    """The task kind and class names lorakit wrote into an adapter file's metadata (None, None for an
+    adapter written by something else)."""
+    from lorakit.lora import read_adapter_metadata
+    from lorakit.models import KIND_METADATA, LABELS_METADATA
+
+    meta = read_adapter_metadata(path)
+    names = json.loads(meta[LABELS_METADATA]) if LABELS_METADATA in meta else None
+    return meta.get(KIND_METADATA), names
+
+
 def _head_width(weights: Path) -> int | None:
     """Output count of the head in an adapter file (its last projection's rows), or None."""
     shapes = {k.removeprefix(PEFT_PREFIX): shape for k, shape in safetensors_shapes(weights).items()}
@@ -75,7 +87,7 @@ def read_source(
     """What ``--adapter NAME=DIR`` serves; UserError (exit 2) for a directory that is not an adapter.
     ``where`` names the source in errors (default: the option as given)."""
     from lorakit.recipe import load_trained_recipe
-    from lorakit.tasks import get_task
+    from lorakit.tasks import build_task
 
     name, path = parse_adapter_spec(spec)
     where = where or f"--adapter {spec}"
@@ -87,7 +99,7 @@ def read_source(
     width = _head_width(path / WEIGHTS_NAME)
     if (path / RECIPE_FILE).is_file():
         recipe = load_trained_recipe(path / RECIPE_FILE)
-        task = get_task(recipe.task.name)
+        task = build_task(recipe.task)
         kind = task.kind
         return AdapterSource(
             name=name,
@@ -95,8 +107,8 @@ def read_source(
             base=recipe.model.name_or_path,
             kind=kind,
             num_labels=task.num_labels,
-            label_names=getattr(task, "label_names", None),
-            task_name=task.name if kind == "generation" else None,
+            label_names=task.label_names,
+            task=task if kind == "generation" else None,
             max_length=max_length or recipe.task.max_length,
             recipe=recipe,
             where=where,
@@ -108,15 +120,16 @@ def read_source(
     generation = file_config.get("task_type") == "CAUSAL_LM"
     if not generation and width is None:
         raise UserError("holds no classification head (modules_to_save): nothing would predict", where)
-    kind = "generation" if generation else "regression" if width == 1 else "classification"
+    kind, names = _recorded_head(path)
+    kind = kind or ("generation" if generation else "regression" if width == 1 else "classification")
     return AdapterSource(
         name=name,
         path=path,
         base=base or str(recorded),
         kind=kind,
         num_labels=0 if generation else int(width or 0),
-        label_names=None,
-        task_name=None,  # no recipe, no task template: the text is the prompt as it is
+        label_names=names,
+        task=None,  # no recipe, no task template: the text is the prompt as it is
         max_length=max_length,
         recipe=None,
         where=where,

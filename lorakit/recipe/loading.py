@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from lorakit.errors import UserError
-from lorakit.recipe.schema import Recipe, show_value
+from lorakit.recipe.schema import KeyedValueError, Recipe, show_value
 
 
 class _Loader(yaml.SafeLoader):
@@ -191,6 +191,9 @@ def _validate(data: Mapping[str, Any], source: str, touched: Collection[str] = (
     except ValidationError as exc:
         error = exc.errors()[0]
         key, holder = _error_key(error)
+        keyed = error.get("ctx", {}).get("error")
+        if isinstance(keyed, KeyedValueError):  # a check across keys names the key it is about
+            key = f"{key}.{keyed.key}" if key else keyed.key
         message = " ".join(_error_message(error, holder).split())
         by_override = any(key == t or key.startswith((f"{t}.", f"{t}[")) for t in touched)
         where = f"--set {key}" if by_override else f"{source}: {key}" if key else source
@@ -220,8 +223,9 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
     """Write the resolved ``recipe`` as YAML that ``load_recipe`` reads back to an equal ``Recipe``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    data = {**recipe.model_dump(), "task": recipe.task.as_written()}
     text = "# lorakit recipe, resolved: every key, overrides applied\n" + yaml.safe_dump(
-        recipe.model_dump(), sort_keys=False, default_flow_style=False, allow_unicode=True
+        data, sort_keys=False, default_flow_style=False, allow_unicode=True
     )
     # Written aside and renamed, so a crash never leaves a half-written recipe in a run directory.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -232,12 +236,22 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-# Keys that matter to training only and that validation checks on disk (data files, a starting adapter,
-# an Accelerate config): a trained run whose files have moved since is still read for its weights.
-_TRAINING_ONLY = ("task.data_dir=null", "lora.init_from=null", "train.distributed=null")
+# Keys that matter to training only and that validation checks on disk (a starting adapter, an Accelerate
+# config): a trained run whose files have moved since is still read for its weights.
+_TRAINING_ONLY = ("lora.init_from=null", "train.distributed=null")
+# A built-in task's data folder, also checked on disk; only training and evaluation read it. (The own-data
+# file keys are checked when the data is read, so they need no dropping.)
+_DATA_DIR = "task.data_dir=null"
 
 
-def load_trained_recipe(path: str | Path) -> Recipe:
-    """The recipe of a trained run, for using its adapter (predict, serve, generate, analyze): training's
-    own paths are dropped, so data or configs that have moved since do not stop it."""
-    return load_recipe(path, _TRAINING_ONLY)
+def load_trained_recipe(path: str | Path, overrides: Sequence[str] = (), keep_data: bool = False) -> Recipe:
+    """The recipe of a trained run, for using its adapter: training's own paths (``lora.init_from``,
+    ``train.distributed``) are dropped, so a starting adapter or a config that has moved since does not
+    stop it.
+
+    ``keep_data=False`` (merge, predict, serve, generate, analyze) drops the task's data too; ``True``
+    (eval) keeps and checks it. ``overrides`` (``--set``) apply after the drops, so that
+    ``--set task.data_dir=NEW`` points a run at data that has moved.
+    """
+    drops = _TRAINING_ONLY if keep_data else (*_TRAINING_ONLY, _DATA_DIR)
+    return load_recipe(path, [*drops, *overrides])

@@ -52,11 +52,12 @@ class PredictRequest(BaseModel):
 
 class OutputRow(BaseModel):
     """One output, the row ``lorakit predict`` writes: the label index (classification), the score
-    (regression) or the text (generation); its label name; the head's raw outputs."""
+    (regression), the multi-hot row (multilabel) or the text (generation); its label name(s); the head's
+    raw outputs."""
 
     adapter: str
-    prediction: int | float | str
-    readable: str | float
+    prediction: int | float | str | list[int]
+    readable: str | float | list[str]
     scores: list[float] | None
 
 

@@ -81,6 +81,7 @@ class E2ETask(Task):
     num_labels = 0
     main_metric = "BLEU"
     eval_splits = {"": "validation"}
+    encoding = "causal_lm"
 
     @property
     def splits(self) -> list[str]:
@@ -121,6 +122,26 @@ class E2ETask(Task):
         # One line per output, as the predictions file holds it, so that `lorakit score e2e` agrees.
         scores = score_e2e([" ".join(str(p).splitlines()).strip() for p in predictions], references)
         return {key: 100.0 * value if key in _PERCENT else value for key, value in scores.items()}
+
+    def prompt_from_input(self, text: str) -> str:
+        """The prompt for an MR in the CSV form (``name[Alimentum], area[city centre]``) or the LoRA files'
+        form (``name : Alimentum | area : city centre``; a whole ``MR||reference`` line too). Raises
+        ValueError for text that is neither."""
+        mr = text.split("||", 1)[0].strip().strip('"')
+        # Brackets mark the CSV form (slot[value]); the LoRA form writes slot : value.
+        if "[" in mr:
+            return prompt_from_csv_mr(mr)
+        return prompt_from_txt_mr(mr)
+
+    def write_outputs(self, out_dir: Path, split: str, predictions: Sequence[Any], rows: Any) -> None:
+        """The official scorer's files: ``predictions-<split>.txt`` (one output a line) and
+        ``references-<split>.txt`` (each MR's references, a blank line between MRs), so that ``lorakit
+        score e2e`` on them gives the metrics this evaluation reported."""
+        # Imported here: the scorer's module pulls in its Java helpers, which loading data never needs.
+        from lorakit.scoring.e2e import write_predictions, write_references
+
+        write_predictions(out_dir / f"predictions-{split}.txt", [str(p) for p in predictions])
+        write_references(out_dir / f"references-{split}.txt", [list(refs) for refs in rows["references"]])
 
     # -- sources -------------------------------------------------------------------------------------
 

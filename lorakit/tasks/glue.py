@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +14,11 @@ import numpy as np
 if TYPE_CHECKING:  # datasets, scipy and scikit-learn are imported where used: `lorakit info` needs none
     import datasets
 
+    from lorakit.recipe.schema import TaskSection
+
 from lorakit.errors import UserError
 from lorakit.tasks.base import Task, TaskKind
+from lorakit.tasks.metrics import correlation, mcc
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +134,11 @@ class GlueTask(Task):
             }
         )
 
+    @classmethod
+    def from_section(cls, section: TaskSection) -> GlueTask:
+        """The GLUE task ``task.name``, reading ``task.data_dir`` or the hub."""
+        return cls(str(section.name), section.data_dir)
+
     @property
     def splits(self) -> list[str]:
         """The split names ``load`` accepts."""
@@ -169,13 +175,13 @@ class GlueTask(Task):
             raise ValueError(f"{preds.shape[0] if preds.ndim else 0} predictions for {len(refs)} examples")
         if self.kind == "regression":
             return {
-                "pearson": _correlation("pearsonr", preds, refs),
-                "spearman": _correlation("spearmanr", preds, refs),
+                "pearson": correlation("pearsonr", preds, refs),
+                "spearman": correlation("spearmanr", preds, refs),
             }
         preds = preds.astype(np.int64)
         refs = refs.astype(np.int64)
         if self.name == "cola":
-            return {"matthews_correlation": _mcc(preds, refs)}
+            return {"matthews_correlation": mcc(preds, refs)}
         result = {"accuracy": 100.0 * float(np.mean(preds == refs)) if len(refs) else 0.0}
         if self.name in ("mrpc", "qqp"):
             from sklearn.metrics import f1_score
@@ -318,29 +324,3 @@ def _tsv_lines(path: Path) -> Iterator[tuple[int, list[str]]]:
                 raise UserError(f"not UTF-8 text ({err})", f"{path}:{lineno}") from err
             if line:
                 yield lineno, line.split("\t")
-
-
-def _mcc(preds: np.ndarray, refs: np.ndarray) -> float:
-    if len(refs) == 0:
-        return 0.0
-    with warnings.catch_warnings():
-        # sklearn warns when only one class occurs; MCC is then undefined and it returns 0, as we want.
-        warnings.simplefilter("ignore")
-        from sklearn.metrics import matthews_corrcoef
-
-        return 100.0 * float(matthews_corrcoef(refs, preds))
-
-
-def _correlation(name: str, preds: np.ndarray, refs: np.ndarray) -> float:
-    # A correlation is undefined for fewer than two points or a constant input (scipy gives nan and a
-    # warning). Report 0.0 then: an early, collapsed regressor should score as "no correlation", and a
-    # nan would break best-checkpoint comparisons.
-    if len(refs) < 2:
-        return 0.0
-    import scipy.stats
-
-    fn = getattr(scipy.stats, name)  # pearsonr or spearmanr
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        value = float(fn(preds.astype(np.float64), refs.astype(np.float64))[0])
-    return 0.0 if math.isnan(value) else 100.0 * value

@@ -80,6 +80,7 @@ class WikiSQLTask(Task):
     num_labels = 0
     main_metric = "logical_form_accuracy"
     eval_splits = {"": "validation"}
+    encoding = "causal_lm"
     execution_timeout_s = 5.0  # per query; WikiSQL's queries take milliseconds
 
     def __init__(self, data_dir: str | None = None) -> None:
@@ -91,6 +92,23 @@ class WikiSQLTask(Task):
     def splits(self) -> list[str]:
         """The split names ``load`` accepts."""
         return list(_STEMS)
+
+    def prompt_from_input(self, text: str) -> str:
+        """The prompt for a JSON object with ``question`` (a string) and ``header`` (column names).
+        Raises ValueError otherwise."""
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError:
+            record = None
+        header = record.get("header") if isinstance(record, dict) else None
+        question = record.get("question") if isinstance(record, dict) else None
+        if not isinstance(question, str) or not isinstance(header, list) or not header:
+            raise ValueError('expected a JSON object {"question": "...", "header": ["column", ...]}')
+        return build_prompt(question, [str(name) for name in header])
+
+    def clean_output(self, text: str) -> str:
+        """The query on the generated text's first line, which is what ``text_to_sql`` reads."""
+        return next(iter(text.splitlines()), "").strip()
 
     def load(self, split: str) -> datasets.Dataset:
         """Rows of ``split`` (columns in the module docstring), from ``data_dir`` or the hub."""

@@ -22,14 +22,14 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 
-from lorakit.data.loaders import EvalSet, eval_sets, train_loader
+from lorakit.data.loaders import DataReport, EvalSet, eval_sets, train_loader
 from lorakit.errors import UserError
 from lorakit.evaluation import evaluate, write_predictions
 from lorakit.lora import save_adapter
-from lorakit.models import PreparedModel, prepare_model
-from lorakit.recipe import Recipe, save_recipe
+from lorakit.models import PreparedModel, head_metadata, prepare_model
+from lorakit.recipe import Recipe, save_recipe, with_resolved_paths
 from lorakit.runs import METRICS_FILE, RECIPE_FILE, record_latest_run, write_json
-from lorakit.tasks import get_task
+from lorakit.tasks import build_task
 from lorakit.tasks.base import Task
 from lorakit.training import reporting, zero
 from lorakit.training.checkpoint import (
@@ -70,7 +70,14 @@ def save_trained(
 ) -> None:
     """The LoRA adapter in PEFT's format or, for full fine-tuning, the whole model with its tokenizer."""
     if prepared.lora_config is not None:
-        save_adapter(model, out_dir, prepared.lora_config, recipe.model.name_or_path, _task_type(task))
+        save_adapter(
+            model,
+            out_dir,
+            prepared.lora_config,
+            recipe.model.name_or_path,
+            _task_type(task),
+            metadata=head_metadata(task),
+        )
         return
     target = out_dir / "model"
     tmp = out_dir / ".model.tmp"
@@ -88,12 +95,11 @@ def _improved(value: float, best: float | None, greater_is_better: bool) -> bool
 class _Loop:
     """State shared by the steps of one training run (kept in one place rather than 15 arguments)."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path, accelerator: Accelerator) -> None:
-        self.recipe, self.run_dir, self.acc = recipe, run_dir, accelerator
+    def __init__(self, recipe: Recipe, run_dir: Path, accelerator: Accelerator, task: Task) -> None:
+        self.recipe, self.run_dir, self.acc, self.task = recipe, run_dir, accelerator, task
         t = recipe.train
         # Where a run's time goes, in metrics.json: start-up, model, data, steps, evaluation, saving.
         self.seconds: dict[str, float] = {"model": -time.perf_counter(), "evaluation": 0.0}
-        self.task = get_task(recipe.task.name, recipe.task.data_dir)
         with zero.whole_model_loading(accelerator):
             self.prepared = prepare_model(recipe, self.task)
         if t.mixed_precision != "no":
@@ -108,14 +114,15 @@ class _Loop:
         n = accelerator.num_processes
         self.global_batch = t.batch_size * n
         # Rows are ordered and length-grouped at the global batch size, as one process with N·b would.
-        loader = train_loader(_with_batch_size(recipe, self.global_batch), self.task, tokenizer)
+        self.data = DataReport()
+        loader = train_loader(_with_batch_size(recipe, self.global_batch), self.task, tokenizer, self.data)
         self.train_dl = sliced_loader(loader, n, pin_memory=accelerator.device.type == "cuda")
         batches = self.train_dl.batch_sampler.num_global_batches()
         if batches == 0:
             raise UserError(
                 f"fewer training rows than the {n} processes", recipe.where("train.num_processes")
             )
-        self.evals: list[EvalSet] = eval_sets(recipe, self.task, tokenizer)
+        self.evals: list[EvalSet] = eval_sets(recipe, self.task, tokenizer, report=self.data)
         self.seconds["data"] += time.perf_counter()
         self.steps_per_epoch = math.ceil(batches / t.grad_accum)
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
@@ -137,7 +144,7 @@ class _Loop:
         for es in self.evals:
             es.loader = accelerator.prepare(es.loader)
         self.state = LoopState(global_batch_size=self.global_batch)
-        self.log = reporting.JsonlLog(run_dir) if accelerator.is_main_process else None
+        self.log: reporting.JsonlLog | None = None  # the main process's, once the run directory exists
 
     def unwrapped(self) -> nn.Module:
         return self.acc.unwrap_model(self.model)
@@ -209,6 +216,18 @@ class _Loop:
         self.acc.wait_for_everyone()
 
 
+def _settled(recipe: Recipe) -> tuple[Recipe, Task]:
+    """The recipe as the run records it, and its task: local paths absolute (the run works from any
+    folder), and class names read from the training data written in (``task.labels``), so that eval,
+    merge, predict and serve know them without the data."""
+    recipe = with_resolved_paths(recipe)
+    task = build_task(recipe.task)
+    if recipe.task.is_own_data and recipe.task.labels is None and task.label_names:
+        section = recipe.task.model_copy(update={"labels": list(task.label_names)})
+        recipe = recipe.model_copy(update={"task": section})
+    return recipe, task
+
+
 def _with_batch_size(recipe: Recipe, batch_size: int) -> Recipe:
     return recipe.model_copy(update={"train": recipe.train.model_copy(update={"batch_size": batch_size})})
 
@@ -218,8 +237,9 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
 
     Under a launcher (see ``lorakit.launch``) every process calls this; only the main one writes files.
     """
-    t = recipe.train
     startup = reporting.process_age_seconds()
+    recipe, task = _settled(recipe)
+    t = recipe.train
     run_dir = run_dir_for(recipe, resume)
     set_seed(t.seed)
     acc = Accelerator(
@@ -239,12 +259,14 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
         reporting.quiet_libraries()
     # Every process has looked at the output directory before the main one starts filling it.
     acc.wait_for_everyone()
+    # Model and data first: a bad row or a missing file stops the run before anything is written.
+    loop = _Loop(recipe, run_dir, acc, task)
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / RECIPE_FILE)
         record_latest_run(run_dir)
+        loop.log = reporting.JsonlLog(run_dir)
     acc.init_trackers("tensorboard")
-    loop = _Loop(recipe, run_dir, acc)
     loop.seconds["start-up"] = startup
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
@@ -370,6 +392,8 @@ def _finish(loop: _Loop) -> TrainResult:
         "final": final,
         "history": state.history,
         "eval_examples": {es.prefix or es.split: len(es.rows) for es in loop.evals},
+        # Rows per split, and rows cut at task.max_length (their start kept), for tasks that count them.
+        "data": {"rows": loop.data.rows, "truncated": loop.data.truncated},
         "parameters": {**asdict(counts), "trainable_percent": counts.trainable_percent},
         "train_steps": state.step,
         "train_samples": state.samples_seen,

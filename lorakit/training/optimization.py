@@ -19,12 +19,15 @@ _NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_1.weight", "ln
 def task_loss(
     logits: torch.Tensor, labels: torch.Tensor, kind: str, label_smoothing: float, reduction: str = "mean"
 ) -> torch.Tensor:
-    """Cross-entropy (with label smoothing) for classes and next tokens, mean squared error for regression.
+    """Cross-entropy (with label smoothing) for classes and next tokens, mean squared error for regression,
+    binary cross-entropy for multilabel rows.
 
     Next-token loss counts the target tokens only: prompt positions carry IGNORE_INDEX labels.
     """
     if kind == "regression":
         return F.mse_loss(logits.squeeze(-1).float(), labels.float(), reduction=reduction)
+    if kind == "multilabel":  # a sigmoid a class; the mean over rows and classes, as transformers' own
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction=reduction)
     if kind == "generation":
         # Shift the labels, not the logits: slicing logits[:, :-1] would copy the whole (batch, seq,
         # vocab) tensor (and its gradient); the last position gets IGNORE_INDEX and drops out.
