@@ -213,7 +213,7 @@ def evaluate_run(
     """Evaluate a trained run on its task's evaluation splits (or ``split``); writes
     ``RUN_DIR/eval/metrics-<split>.json`` and ``predictions-<split>.jsonl`` and returns the metrics."""
     from lorakit.data.loaders import eval_sets
-    from lorakit.models import load_trained
+    from lorakit.models import load_trained, prompt_room
     from lorakit.recipe import load_trained_recipe
     from lorakit.runs import RECIPE_FILE, write_json
     from lorakit.tasks import build_task
@@ -226,7 +226,8 @@ def evaluate_run(
     splits = {"": split} if split else task.eval_splits
     prepared = load_trained(run_dir, recipe, task)
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)
-    sets = eval_sets(recipe, task, prepared.tokenizer, splits)
+    room = prompt_room(prepared.model.config, recipe.generation.max_new_tokens)
+    sets = eval_sets(recipe, task, prepared.tokenizer, splits, prompt_room=room)
     model = accelerator.prepare(prepared.model)
     for es in sets:
         es.loader = accelerator.prepare(es.loader)

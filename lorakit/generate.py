@@ -246,20 +246,16 @@ def generate(
     settings = decoding(recipe, num_beams, max_new_tokens, greedy)
     loaded = load_model(model_dir, recipe)
     prompts = build_prompts(inputs, chosen, loaded.tokenizer)
+    from lorakit.models import prompt_room
+
+    # A prompt keeps its last tokens, as many as the model's positions leave beside the new ones.
+    max_length = prompt_room(loaded.model.config, settings.max_new_tokens)
     if recipe is not None:
-        max_length = recipe.task.max_length
-    else:
-        max_length = prompt_room(loaded.model.config, settings.max_new_tokens)
+        max_length = min(recipe.task.max_length, max_length)
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision if recipe is not None else "no")
     model = accelerator.prepare(loaded.model)
     texts = generate_from_prompts(model, loaded.tokenizer, prompts, settings, max_length, accelerator)
     return [one_line(text, chosen) for text in texts]
-
-
-def prompt_room(config: Any, max_new_tokens: int) -> int:
-    """The longest prompt a model's positions leave room for beside ``max_new_tokens`` new tokens."""
-    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024)
-    return max(positions - max_new_tokens, 1)
 
 
 def generate_from_prompts(

@@ -160,6 +160,12 @@ def model_config(recipe: Recipe, task: Task | HeadSpec) -> PretrainedConfig:
     return config
 
 
+def prompt_room(config: PretrainedConfig, max_new_tokens: int) -> int:
+    """The longest prompt a model's positions leave room for beside ``max_new_tokens`` new tokens."""
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024)
+    return max(positions - max_new_tokens, 1)
+
+
 def check_max_length(recipe: Recipe, config: PretrainedConfig) -> None:
     """A UserError naming ``task.max_length`` when it was set (in the recipe or by ``--set``) to more tokens
     than the model's position table holds: a run would otherwise fail at its first long row, deep inside

@@ -273,11 +273,36 @@ def test_multilabel_from_lists_and_from_separated_text(
         assert len(p["prediction"]) == len(labels)  # multi-hot
         assert p["readable"] == [name for name, on in zip(labels, p["prediction"], strict=True) if on]
         assert p["label"] == [float(name in row["slots"]) for name in labels]
-    rows = _write_jsonl(tmp_path / "in.jsonl", [{"adapter": "m", "text": dev_rows[0]["text"]}])
+    # A classifier of the user's beside it on the same base: one mixed batch, each row its own head.
+    sst2 = _write_csv(tmp_path / "sst2.csv", ["text", "label"], [[s, y] for s, y in _sst2("train", 20)])
+    other = _train(
+        _recipe(tmp_path, tiny_roberta_dir, {"type": "classification", "train_file": str(sst2)}, "c")
+    )
+    texts = [r["text"] for r in dev_rows[:3]]
+    rows = _write_jsonl(tmp_path / "in.jsonl", [{"adapter": a, "text": t} for t in texts for a in ("m", "c")])
     capsys.readouterr()
-    assert main(["predict", "--adapter", f"m={run}", "--input", str(rows)]) == 0
-    out = json.loads(capsys.readouterr().out.strip())
-    assert out["readable"] == [n for n, s in zip(labels, out["scores"], strict=True) if s > 0]
+    assert main(["predict", "--adapter", f"m={run}", "--adapter", f"c={other}", "--input", str(rows)]) == 0
+    outs = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [o["adapter"] for o in outs] == ["m", "c"] * 3
+    for out in outs[::2]:
+        assert out["readable"] == [n for n, s in zip(labels, out["scores"], strict=True) if s > 0]
+    for out in outs[1::2]:
+        assert len(out["scores"]) == 2 and out["readable"] == ["0", "1"][out["prediction"]]
+    # The same rows over HTTP: `lorakit serve`'s app answers with predict's rows.
+    from fastapi.testclient import TestClient
+
+    from lorakit.predict import Predictor, read_sources
+    from lorakit.serve.app import Service, create_app
+    from lorakit.serve.batcher import Batcher
+
+    predictor = Predictor(list(read_sources([f"m={run}", f"c={other}"], None, None).values()))
+    with TestClient(create_app(Service(predictor, Batcher(predictor, 64, 5.0, 60.0)))) as client:
+        for name, expected in (("m", outs[0::2]), ("c", outs[1::2])):
+            reply = client.post("/v1/predict", json={"adapter": name, "inputs": [{"text": t} for t in texts]})
+            assert reply.status_code == 200, reply.text
+            got = reply.json()["outputs"]
+            assert [o["readable"] for o in got] == [o["readable"] for o in expected]
+            assert [o["prediction"] for o in got] == [o["prediction"] for o in expected]
 
 
 def test_a_local_dataset_folder_and_its_split_names(tmp_path: Path, tiny_roberta_dir: Path) -> None:

@@ -120,3 +120,37 @@ def test_the_tokenizer_digest_ignores_the_last_calls_truncation_and_leaves_it_al
     assert state[0] is not None and state[0]["max_length"] == 3
     assert tokenizer_digest(roberta) == before
     assert (backend.truncation, backend.padding) == state
+
+
+def test_own_data_encodings_are_cached_and_a_chat_template_set_in_code_makes_another_entry(
+    shared_data: Path,
+) -> None:
+    from lorakit.data import tokenize_chat, tokenize_completions
+
+    gpt2 = AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "gpt2")
+    gpt2.pad_token = gpt2.eos_token
+    pairs = datasets.Dataset.from_dict(
+        {
+            "prompt": ["name : Aromi ||", "name : Wildwood ||"],
+            "target": [" A pub.", " A cafe."],
+            "row": [0, 1],
+        }
+    )
+    first = tokenize_completions(pairs, gpt2, 32, cache=True)
+    second = tokenize_completions(pairs, gpt2, 32, cache=True)
+    assert len(entries()) == 1 and second[:] == first[:]
+    assert Path(second.cache_files[0]["filename"]).parent == entries()[0]
+    chats = datasets.Dataset.from_dict(
+        {
+            "messages": [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]],
+            "row": [0],
+        }
+    )
+    gpt2.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    tokenize_chat(chats, gpt2, 32, cache=True)
+    assert len(entries()) == 2
+    # Set in code after loading, a template is not in the tokenizer's serialized form; the key still sees it.
+    gpt2.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    other = tokenize_chat(chats, gpt2, 32, cache=True)
+    assert len(entries()) == 3
+    assert gpt2.decode(other[0]["input_ids"]).startswith("[user] hi")

@@ -23,7 +23,10 @@ from lorakit.data.tokenize import (
     model_columns,
     subsample,
     tokenize_causal_lm,
+    tokenize_chat,
+    tokenize_chat_prompts,
     tokenize_classification,
+    tokenize_completions,
     tokenize_prompts,
 )
 
@@ -42,6 +45,9 @@ __all__ = [
     "padding_waste",
     "subsample",
     "tokenize_causal_lm",
+    "tokenize_chat",
+    "tokenize_chat_prompts",
+    "tokenize_completions",
     "encode_classification",
     "tokenize_classification",
     "tokenize_prompts",

@@ -129,12 +129,14 @@ def eval_sets(
     tokenizer: Any,
     splits: dict[str, str] | None = None,
     report: DataReport | None = None,
+    prompt_room: int | None = None,
 ) -> list[EvalSet]:
     """The task's evaluation splits (or ``splits``: prefix -> split name), each with its loader.
 
     Classification batches rows longest first, which pads least; generation keeps row order and left-pads
     prompts, so that every row of a batch ends where generation starts and the texts are those ``lorakit
     generate`` gives. Tasks with ``eval_loss`` also get their references teacher-forced, for the loss.
+    ``prompt_room``: the most prompt tokens the model's positions leave beside the generated ones.
     """
     sets = []
     max_length = recipe.task.max_length
@@ -144,7 +146,8 @@ def eval_sets(
         loss_loader = None
         if task.kind == "generation":
             prompts = tokenize_chat_prompts if task.encoding == "chat" else tokenize_prompts
-            tokenized = _encoded(task, split, prompts, rows, tokenizer, max_length)
+            room = min(max_length, prompt_room) if prompt_room else max_length
+            tokenized = _encoded(task, split, prompts, rows, tokenizer, room)
             loader = build_eval_dataloader(
                 tokenized, PaddingCollator(tokenizer, padding_side="left"), recipe.generation.batch_size
             )

@@ -205,13 +205,15 @@ class Predictor:
             decoding,
             generate_from_prompts,
             one_line,
-            prompt_room,
         )
 
         source = self.sources[name]
         prompts = build_prompts([Input(r.text, r.where) for r in rows], source.task, self.tokenizer)
         settings = decoding(source.recipe)
-        length = source.max_length or prompt_room(self.model.config, settings.max_new_tokens)
+        from lorakit.models import prompt_room
+
+        room = prompt_room(self.model.config, settings.max_new_tokens)
+        length = min(source.max_length, room) if source.max_length else room
         with self._using(name):
             texts = generate_from_prompts(
                 self.model, self.tokenizer, prompts, settings, length, self.accelerator

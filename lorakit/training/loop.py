@@ -26,10 +26,9 @@ from lorakit.data.loaders import DataReport, EvalSet, eval_sets, train_loader
 from lorakit.errors import UserError
 from lorakit.evaluation import evaluate, write_predictions
 from lorakit.lora import save_adapter
-from lorakit.models import PreparedModel, head_metadata, prepare_model
-from lorakit.recipe import Recipe, save_recipe, with_resolved_paths
+from lorakit.models import PreparedModel, head_metadata, prepare_model, prompt_room
+from lorakit.recipe import Recipe, save_recipe
 from lorakit.runs import METRICS_FILE, RECIPE_FILE, record_latest_run, write_json
-from lorakit.tasks import build_task
 from lorakit.tasks.base import Task
 from lorakit.training import reporting, zero
 from lorakit.training.checkpoint import (
@@ -42,7 +41,7 @@ from lorakit.training.checkpoint import (
 from lorakit.training.execution import compile_model, compile_report, enable_gradient_checkpointing
 from lorakit.training.optimization import build_optimizer, float32_trainables, global_mean_loss
 from lorakit.training.preemption import StopSignals, interrupted, interrupted_at_the_end
-from lorakit.training.preflight import check_precision, check_process_count, run_dir_for
+from lorakit.training.preflight import check_precision, check_process_count, run_dir_for, settled_recipe
 from lorakit.training.progress import TrainProgress
 from lorakit.training.sharding import sliced_loader
 from lorakit.training.whole_state import checkpoint_state, restore_state, whole_trainables
@@ -122,7 +121,10 @@ class _Loop:
             raise UserError(
                 f"fewer training rows than the {n} processes", recipe.where("train.num_processes")
             )
-        self.evals: list[EvalSet] = eval_sets(recipe, self.task, tokenizer, report=self.data)
+        room = prompt_room(self.prepared.model.config, recipe.generation.max_new_tokens)
+        self.evals: list[EvalSet] = eval_sets(
+            recipe, self.task, tokenizer, report=self.data, prompt_room=room
+        )
         self.seconds["data"] += time.perf_counter()
         self.steps_per_epoch = math.ceil(batches / t.grad_accum)
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
@@ -216,18 +218,6 @@ class _Loop:
         self.acc.wait_for_everyone()
 
 
-def _settled(recipe: Recipe) -> tuple[Recipe, Task]:
-    """The recipe as the run records it, and its task: local paths absolute (the run works from any
-    folder), and class names read from the training data written in (``task.labels``), so that eval,
-    merge, predict and serve know them without the data."""
-    recipe = with_resolved_paths(recipe)
-    task = build_task(recipe.task)
-    if recipe.task.is_own_data and recipe.task.labels is None and task.label_names:
-        section = recipe.task.model_copy(update={"labels": list(task.label_names)})
-        recipe = recipe.model_copy(update={"task": section})
-    return recipe, task
-
-
 def _with_batch_size(recipe: Recipe, batch_size: int) -> Recipe:
     return recipe.model_copy(update={"train": recipe.train.model_copy(update={"batch_size": batch_size})})
 
@@ -238,7 +228,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     Under a launcher (see ``lorakit.launch``) every process calls this; only the main one writes files.
     """
     startup = reporting.process_age_seconds()
-    recipe, task = _settled(recipe)
+    recipe, task = settled_recipe(recipe)
     t = recipe.train
     run_dir = run_dir_for(recipe, resume)
     set_seed(t.seed)

@@ -4,7 +4,8 @@ process itself (the Python API and launched processes alike).
 
 * the run directory: free for a new run, or holding a checkpoint to resume;
 * the precision: fp16 autocast needs a GPU;
-* the launcher: processes that a launcher started must be joined up by Accelerate.
+* the launcher: processes that a launcher started must be joined up by Accelerate;
+* the recipe as the run records it: local paths absolute, the classes of the user's data written in.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import os
 from pathlib import Path
 
 from lorakit.errors import UserError
-from lorakit.recipe import Recipe
+from lorakit.recipe import Recipe, with_resolved_paths
 from lorakit.runs import METRICS_FILE, RECIPE_FILE
+from lorakit.tasks import build_task
+from lorakit.tasks.base import Task
 from lorakit.training.checkpoint import latest_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -105,3 +108,15 @@ def check_process_count(recipe: Recipe, num_processes: int) -> None:
             num_processes,
             num_processes,
         )
+
+
+def settled_recipe(recipe: Recipe) -> tuple[Recipe, Task]:
+    """The recipe as the run records it, and its task: local paths absolute (the run works from any
+    folder), and class names read from the training data written in (``task.labels``), so that eval,
+    merge, predict and serve know them without the data."""
+    recipe = with_resolved_paths(recipe)
+    task = build_task(recipe.task)
+    if recipe.task.is_own_data and recipe.task.labels is None and task.label_names:
+        section = recipe.task.model_copy(update={"labels": list(task.label_names)})
+        recipe = recipe.model_copy(update={"task": section})
+    return recipe, task
