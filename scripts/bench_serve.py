@@ -2,7 +2,7 @@
 
     python scripts/bench.py --only serve --out benchmarks       # about 5 minutes on 2 CPU cores
 
-The real MiniLM-L6 with four task adapters trained here by ``lorakit train`` (configs/demo.yaml on a few
+The real MiniLM-L6 with four task adapters trained here by ``lorakit train`` (configs/minilm-sst2.yaml on a few
 hundred rows each; serving speed does not depend on how well they were trained): SST-2, MRPC, STS-B
 (regression) and CoLA. Three ``lorakit serve`` processes, each started once, before the first round:
 
@@ -43,7 +43,7 @@ SERVERS = ("mixed", "one", "merged")
 
 
 def train_adapters(root: Path, data: Path, rows: int, env: dict[str, str]) -> dict[str, Path]:
-    """One ``lorakit train`` run per task (configs/demo.yaml, ``rows`` training rows, one epoch)."""
+    """One ``lorakit train`` run per task (configs/minilm-sst2.yaml, ``rows`` training rows, one epoch)."""
     runs = {}
     for name, folder in TASKS.items():
         sets = {
@@ -54,7 +54,7 @@ def train_adapters(root: Path, data: Path, rows: int, env: dict[str, str]) -> di
             "train.epochs": 1,
         }
         args = [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
-        command = [sys.executable, "-m", "lorakit", "train", str(REPO / "configs" / "demo.yaml"), *args]
+        command = [sys.executable, "-m", "lorakit", "train", str(REPO / "configs" / "minilm-sst2.yaml"), *args]
         done = subprocess.run([*command, "--output-dir", str(root / name)], env=env, capture_output=True)
         if done.returncode:
             raise SystemExit(f"training {name} failed:\n{done.stderr.decode()[-2000:]}")

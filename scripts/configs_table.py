@@ -83,6 +83,11 @@ def model_name(path: Path, recipe: Recipe) -> str:
     return recipe.model.name_or_path
 
 
+def task_label(recipe: Recipe) -> str:
+    """A built-in task's name, or the type of the user's own data (``own classification``)."""
+    return recipe.task.name or f"own {recipe.task.type}"
+
+
 def cells(path: Path, recipe: Recipe) -> list[str]:
     """The table cells for one recipe."""
     lora = recipe.method == "lora"
@@ -92,7 +97,7 @@ def cells(path: Path, recipe: Recipe) -> list[str]:
     return [
         f"[{path.name}]({path.name})",
         f"`{model_name(path, recipe)}`",
-        recipe.task.name,
+        task_label(recipe),
         str(recipe.lora.r) if lora else DASH,
         format_number(recipe.lora.alpha) if lora else DASH,
         format_number(train.lr),
@@ -108,7 +113,8 @@ def _order(path: Path, recipe: Recipe) -> tuple[int, str, int, str]:
     """Sort key: the paper's models first, in its order, then the rest by name; tasks as in Table 2."""
     model = recipe.model.name_or_path
     model_rank = _PAPER_MODELS.index(model) if model in _PAPER_MODELS else len(_PAPER_MODELS)
-    return model_rank, model, _TASK_ORDER.index(recipe.task.name), path.name
+    name = recipe.task.name
+    return model_rank, model, _TASK_ORDER.index(name) if name else len(_TASK_ORDER), path.name
 
 
 def row(path: Path, recipe: Recipe | None = None) -> str:

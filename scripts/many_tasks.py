@@ -4,7 +4,7 @@ all three dev sets; each task's dev metric from that one mixed run against its o
 
     python scripts/many_tasks.py --out benchmarks          # writes benchmarks/many-tasks.json, prints a table
 
-Every step is the CLI itself, run as a subprocess. Training follows configs/demo.yaml with the task, its
+Every step is the CLI itself, run as a subprocess. Training follows configs/minilm-sst2.yaml with the task, its
 rows and the learning rate each task's sweep picked (benchmarks/lr-sweep.json).
 """
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                 overrides["task.max_eval_samples"] = 64
             sets = [arg for k, v in overrides.items() for arg in ("--set", f"{k}={v}")]
             seconds[f"train {name}"] = lorakit(
-                "train", str(REPO / "configs/demo.yaml"), *sets, "--output-dir", str(run), env=env
+                "train", str(REPO / "configs/minilm-sst2.yaml"), *sets, "--output-dir", str(run), env=env
             )
             seconds[f"eval {name}"] = lorakit("eval", str(run), env=env)
             runs[name] = run

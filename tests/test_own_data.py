@@ -310,16 +310,17 @@ def test_a_local_dataset_folder_and_its_split_names(tmp_path: Path, tiny_roberta
 
     rows = _sst2("train", 60)
     folder = tmp_path / "my-dataset"
-    datasets.DatasetDict(
-        {
-            "learn": datasets.Dataset.from_dict(
-                {"text": [s for s, _ in rows[:40]], "label": [y for _, y in rows[:40]]}
-            ),
-            "check": datasets.Dataset.from_dict(
-                {"text": [s for s, _ in rows[40:]], "label": [y for _, y in rows[40:]]}
-            ),
-        }
-    ).save_to_disk(str(folder))
+    # The hub's convention: labels as a ClassLabel, ids in the column and names in the features.
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])}
+    )
+
+    def part(chunk: list[tuple[str, int]]) -> datasets.Dataset:
+        return datasets.Dataset.from_dict(
+            {"text": [s for s, _ in chunk], "label": [y for _, y in chunk]}, features
+        )
+
+    datasets.DatasetDict({"learn": part(rows[:40]), "check": part(rows[40:])}).save_to_disk(str(folder))
     task = {
         "type": "classification",
         "dataset": str(folder),
@@ -327,6 +328,10 @@ def test_a_local_dataset_folder_and_its_split_names(tmp_path: Path, tiny_roberta
     }
     run = _train(_recipe(tmp_path, tiny_roberta_dir, task, "folder"))
     assert _metrics(run)["data"]["rows"] == {"train": 40, "validation": 20}
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["task"]["labels"] == ["neg", "pos"]
+    predictions = [json.loads(line) for line in (run / "eval" / "predictions-validation.jsonl").open()]
+    assert [p["label"] for p in predictions] == [y for _, y in rows[40:]]
+    assert all(p["readable"] == ["neg", "pos"][p["prediction"]] for p in predictions)
     # A folder of data files, loaded by datasets' own builders (train.csv, validation.csv by their names).
     files = tmp_path / "csv-dataset"
     files.mkdir()
@@ -445,3 +450,21 @@ def test_recipe_keys_of_own_data_are_checked_where_they_are_written(
     with pytest.raises(UserError) as raised:
         load_recipe(path)
     assert f"{path}: {key}" in str(raised.value) and message in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[1] / "configs" / "examples").glob("*.yaml"))
+)
+def test_every_example_recipe_reads_its_shipped_rows(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The examples' data ships in the repository: each recipe's rows load with their labels, offline."""
+    from lorakit.recipe import load_recipe
+    from lorakit.tasks import build_task
+
+    monkeypatch.chdir(path.parents[2])  # recipes name their data relative to the repository root
+    recipe = load_recipe(path)
+    assert recipe.task.is_own_data
+    task = build_task(recipe.task)
+    for split in ("train", "validation"):
+        assert len(task.load(split)) > 0
+    if task.kind in ("classification", "multilabel"):
+        assert task.label_names and task.num_labels == len(task.label_names)

@@ -409,7 +409,7 @@ def test_shipped_precision_sweeps_are_the_demo_in_float32_and_bf16_at_three_seed
 ) -> None:
     sweep = load_sweep(Path(f"configs/sweeps/minilm-precision-{task}.yaml"))
     assert sweep.grid == {"train.mixed_precision": ["no", "bf16"], "train.seed": [0, 1, 2]}
-    demo = load_recipe("configs/demo.yaml")
+    demo = load_recipe("configs/minilm-sst2.yaml")
     for point in sweep.points:
         want = demo.model_copy(deep=True)
         want.task.name = task

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,8 @@ class Table:
     columns: list[str]
     places: list[str]  # FILE:LINE (or FILE: row N) of each row
     source: str  # the file or dataset split, for messages about the whole split
+    # A dataset's ClassLabel columns: their class names in id order (the column holds ids).
+    class_names: dict[str, list[str]] = field(default_factory=dict)
 
 
 class OwnData:
@@ -53,7 +55,10 @@ class OwnData:
     def splits(self) -> list[str]:
         """train and validation always (validation may be held out of train); test when there is one."""
         s = self.section
-        has_test = s.test_file is not None or (s.dataset is not None and "test" in (s.splits or {"test": ""}))
+        if s.dataset is None:
+            has_test = s.test_file is not None
+        else:
+            has_test = "test" in s.splits if s.splits is not None else "test" in self._dataset_splits()
         return ["train", "validation", "test"] if has_test else ["train", "validation"]
 
     def source_of(self, split: str) -> str:
@@ -161,12 +166,21 @@ class OwnData:
             )
         part = loaded[name]
         source = f"{self.section.dataset} ({name})"
-        return Table(
-            part.to_list(),
-            list(part.column_names),
-            [f"{source}: row {i + 1}" for i in range(len(part))],
-            source,
-        )
+        places = [f"{source}: row {i + 1}" for i in range(len(part))]
+        return Table(part.to_list(), list(part.column_names), places, source, _class_names(part.features))
+
+
+def _class_names(features: Any) -> dict[str, list[str]]:
+    """The class names of a dataset's ClassLabel columns (or lists of ClassLabel, for multilabel)."""
+    import datasets
+
+    names = {}
+    for column, feature in features.items():
+        inner = getattr(feature, "feature", None)
+        for candidate in (feature, inner):
+            if isinstance(candidate, datasets.ClassLabel):
+                names[column] = list(candidate.names)
+    return names
 
 
 def read_file(path: str, key: str) -> Table:

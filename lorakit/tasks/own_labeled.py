@@ -108,6 +108,7 @@ class OwnLabeledTask(Task):
             },
         )
         texts_a, texts_b, labels = [], [], []
+        names = table.class_names.get(str(s.label_column))
         for row, place in zip(table.rows, table.places, strict=True):
             texts_a.append(_text(row.get(s.text_column), "task.text_column", place))
             texts_b.append(
@@ -115,7 +116,7 @@ class OwnLabeledTask(Task):
                 if s.text_pair_column
                 else None
             )
-            labels.append(self.parse_label(row.get(s.label_column), place, split))
+            labels.append(self.parse_label(_named(row.get(s.label_column), names, place), place, split))
         return datasets.Dataset.from_dict(
             {"text_a": texts_a, "text_b": texts_b, "label": labels, "row": list(range(len(labels)))},
             features=datasets.Features(
@@ -142,10 +143,14 @@ class OwnLabeledTask(Task):
             return list(self.section.labels)
         if not hasattr(self, "_labels"):
             table = self.data.training_source()
-            require_columns(table, {"label_column": self.section.label_column})
+            column = str(self.section.label_column)
+            require_columns(table, {"label_column": column})
+            if column in table.class_names:  # a dataset's ClassLabel: its own names, in its id order
+                self._labels = list(table.class_names[column])
+                return self._labels
             names: set[str] = set()
             for row, place in zip(table.rows, table.places, strict=True):
-                names.update(self.label_names_in(row.get(self.section.label_column), place))
+                names.update(self.label_names_in(row.get(column), place))
             if not names:
                 raise UserError("no labels in the train data", table.source)
             self._labels = sorted_labels(names)
@@ -292,6 +297,18 @@ class OwnMultilabelTask(OwnLabeledTask):
         refs = np.asarray(examples["label"], dtype=np.int64).reshape(len(examples), -1)
         preds = np.asarray(predictions, dtype=np.int64).reshape(len(predictions), -1)
         return multilabel_metrics(preds, refs)
+
+
+def _named(value: Any, names: list[str] | None, place: str) -> Any:
+    """A ClassLabel id (or list of ids) as its class name(s); anything else as it is."""
+    if names is None:
+        return value
+    ids = value if isinstance(value, list) else [value]
+    for i in ids:
+        if not isinstance(i, int) or not 0 <= i < len(names):
+            raise UserError(f"label {i!r} is not a class of the dataset ({', '.join(names)})", place)
+    named = [names[i] for i in ids]
+    return named if isinstance(value, list) else named[0]
 
 
 def _text(value: Any, key: str, place: str) -> str:
