@@ -2,8 +2,8 @@
 local folder that ``datasets`` loads), split into train / validation / test as the recipe says, each row
 with the place it came from (``FILE:LINE``) for error messages.
 
-This module reads and places rows; what the columns mean (texts and labels, prompts and completions) is
-the business of ``own_labeled`` and ``own_generation``.
+This module reads and places rows, and holds what the types share (``OwnDataTask``); what the columns mean
+(texts and labels, prompts and completions) is the business of ``own_labeled`` and ``own_generation``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lorakit.errors import UserError
+from lorakit.tasks.base import Task
+from lorakit.tasks.metrics import LOWER_IS_BETTER
 
 if TYPE_CHECKING:
     from lorakit.recipe.schema import TaskSection
@@ -181,6 +183,47 @@ def _class_names(features: Any) -> dict[str, list[str]]:
             if isinstance(candidate, datasets.ClassLabel):
                 names[column] = list(candidate.names)
     return names
+
+
+class OwnDataTask(Task):
+    """What every type of the user's own data shares: its splits and their sources, ``FILE:LINE`` of a row,
+    and the metric that keeps the best adapter (``task.metric``, else ``default_metric``)."""
+
+    default_metric: str
+    metric_names: tuple[str, ...]
+
+    def __init__(self, section: TaskSection) -> None:
+        super().__init__(None)
+        self.section = section
+        self.name = str(section.type)
+        self.data = OwnData(section)
+        self.eval_splits = {"": "validation"}
+        self.main_metric = section.metric or self.default_metric
+        if self.main_metric not in self.metric_names:
+            raise UserError(
+                f"{self.main_metric!r} is not a {self.name} metric; "
+                f"choose one of {', '.join(self.metric_names)}",
+                "task.metric",
+            )
+        self.greater_is_better = self.main_metric not in LOWER_IS_BETTER
+
+    @classmethod
+    def from_section(cls, section: TaskSection) -> Task:
+        """The task of a recipe's own-data ``task`` section."""
+        return cls(section)
+
+    @property
+    def splits(self) -> list[str]:
+        """train, validation and (with test data) test."""
+        return self.data.splits
+
+    def source_of(self, split: str) -> str:
+        """The file (or dataset split) ``split`` comes from."""
+        return self.data.source_of(split)
+
+    def row_where(self, split: str, index: int) -> str:
+        """``FILE:LINE`` of row ``index`` of ``split``."""
+        return self.data.table(split).places[index]
 
 
 def read_file(path: str, key: str) -> Table:

@@ -15,9 +15,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from lorakit.errors import UserError
-from lorakit.tasks.base import Encoding, Task, TaskKind
-from lorakit.tasks.metrics import LOWER_IS_BETTER
-from lorakit.tasks.own_data import OwnData, require_columns
+from lorakit.tasks.base import Encoding, TaskKind
+from lorakit.tasks.own_data import OwnDataTask, require_columns
 
 if TYPE_CHECKING:
     import datasets
@@ -28,46 +27,19 @@ ROLES = ("system", "user", "assistant", "tool")
 METRICS = ("eval_loss", "perplexity", "exact_match", "bleu", "rouge_l")
 
 
-class OwnGenerationTask(Task):
+class OwnGenerationTask(OwnDataTask):
     """Prompt -> completion, or chat, from the user's files or dataset."""
 
     kind: TaskKind = "generation"
     num_labels = 0
     eval_loss = True
+    default_metric = "eval_loss"
+    metric_names = METRICS
 
     def __init__(self, section: TaskSection) -> None:
-        super().__init__(None)
-        self.section = section
-        self.name = "generation"
-        self.data = OwnData(section)
-        self.eval_splits = {"": "validation"}
+        super().__init__(section)
         self.chat = section.messages_column is not None
         self.encoding: Encoding = "chat" if self.chat else "completion"
-        self.main_metric = section.metric or "eval_loss"
-        if self.main_metric not in METRICS:
-            raise UserError(
-                f"{self.main_metric!r} is not a generation metric; choose one of {', '.join(METRICS)}",
-                "task.metric",
-            )
-        self.greater_is_better = self.main_metric not in LOWER_IS_BETTER
-
-    @classmethod
-    def from_section(cls, section: TaskSection) -> Task:
-        """The task of a recipe's own-data ``task`` section."""
-        return cls(section)
-
-    @property
-    def splits(self) -> list[str]:
-        """train, validation and (with test data) test."""
-        return self.data.splits
-
-    def source_of(self, split: str) -> str:
-        """The file (or dataset split) ``split`` comes from."""
-        return self.data.source_of(split)
-
-    def row_where(self, split: str, index: int) -> str:
-        """``FILE:LINE`` of row ``index`` of ``split``."""
-        return self.data.table(split).places[index]
 
     def load(self, split: str) -> datasets.Dataset:
         """Rows of ``split``: ``prompt``, ``target``, ``references`` and ``row``; chat rows ``messages``

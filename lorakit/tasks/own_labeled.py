@@ -18,19 +18,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lorakit.errors import UserError
-from lorakit.tasks.base import Task, TaskKind
+from lorakit.tasks.base import TaskKind
 from lorakit.tasks.metrics import (
-    LOWER_IS_BETTER,
     classification_metrics,
     multilabel_metrics,
     regression_metrics,
 )
-from lorakit.tasks.own_data import OwnData, require_columns
+from lorakit.tasks.own_data import OwnDataTask, require_columns
 
 if TYPE_CHECKING:
     import datasets
-
-    from lorakit.recipe.schema import TaskSection
 
 
 def label_text(value: Any) -> str | None:
@@ -52,45 +49,10 @@ def sorted_labels(names: set[str]) -> list[str]:
         return sorted(names)
 
 
-class OwnLabeledTask(Task):
-    """The shared part of the three labelled types: reading, columns, text checks and metric choice."""
+class OwnLabeledTask(OwnDataTask):
+    """The shared part of the three labelled types: texts, labels and their checks."""
 
     kind: TaskKind
-    default_metric: str
-    metric_names: tuple[str, ...]
-
-    def __init__(self, section: TaskSection) -> None:
-        super().__init__(None)
-        self.section = section
-        self.name = str(section.type)
-        self.data = OwnData(section)
-        self.eval_splits = {"": "validation"}
-        self.main_metric = section.metric or self.default_metric
-        if self.main_metric not in self.metric_names:
-            raise UserError(
-                f"{self.main_metric!r} is not a {self.name} metric; "
-                f"choose one of {', '.join(self.metric_names)}",
-                "task.metric",
-            )
-        self.greater_is_better = self.main_metric not in LOWER_IS_BETTER
-
-    @classmethod
-    def from_section(cls, section: TaskSection) -> Task:
-        """The task of a recipe's own-data ``task`` section."""
-        return cls(section)
-
-    @property
-    def splits(self) -> list[str]:
-        """train, validation and (with test data) test."""
-        return self.data.splits
-
-    def source_of(self, split: str) -> str:
-        """The file (or dataset split) ``split`` comes from."""
-        return self.data.source_of(split)
-
-    def row_where(self, split: str, index: int) -> str:
-        """``FILE:LINE`` of row ``index`` of ``split``."""
-        return self.data.table(split).places[index]
 
     def load(self, split: str) -> datasets.Dataset:
         """Rows of ``split``: ``text_a``, ``text_b``, ``label``, ``row``."""
@@ -178,12 +140,8 @@ class OwnLabeledTask(Task):
         return {name: i for i, name in enumerate(self.label_names or [])}
 
 
-class OwnClassificationTask(OwnLabeledTask):
-    """One class a row: cross-entropy, arg-max predictions; accuracy, macro-F1, MCC."""
-
-    kind: TaskKind = "classification"
-    default_metric = "accuracy"
-    metric_names = ("accuracy", "macro_f1", "mcc")
+class ClassesTask(OwnLabeledTask):
+    """Labels that are classes (one a row, or a set a row): their names, and so the head's width."""
 
     @property
     def label_names(self) -> list[str]:  # type: ignore[override]
@@ -194,6 +152,14 @@ class OwnClassificationTask(OwnLabeledTask):
     def num_labels(self) -> int:  # type: ignore[override]
         """The number of classes."""
         return len(self.label_names)
+
+
+class OwnClassificationTask(ClassesTask):
+    """One class a row: cross-entropy, arg-max predictions; accuracy, macro-F1, MCC."""
+
+    kind: TaskKind = "classification"
+    default_metric = "accuracy"
+    metric_names = ("accuracy", "macro_f1", "mcc")
 
     def parse_label(self, value: Any, place: str, split: str) -> int:
         """The class id of one label cell."""
@@ -242,7 +208,7 @@ class OwnRegressionTask(OwnLabeledTask):
         return regression_metrics(preds, np.asarray(examples["label"], dtype=np.float64))
 
 
-class OwnMultilabelTask(OwnLabeledTask):
+class OwnMultilabelTask(ClassesTask):
     """A set of class names a row: a list (JSON, Parquet), or one text cell split at ``task.label_separator``
     (or a JSON list written in the cell). Binary cross-entropy per class; a logit above 0 counts as
     positive; micro-F1, macro-F1, exact match."""
@@ -250,16 +216,6 @@ class OwnMultilabelTask(OwnLabeledTask):
     kind: TaskKind = "multilabel"
     default_metric = "micro_f1"
     metric_names = ("micro_f1", "macro_f1", "exact_match")
-
-    @property
-    def label_names(self) -> list[str]:  # type: ignore[override]
-        """Class names in id order."""
-        return self._known_labels()
-
-    @property
-    def num_labels(self) -> int:  # type: ignore[override]
-        """The number of classes."""
-        return len(self.label_names)
 
     def label_names_in(self, value: Any, place: str) -> list[str]:
         """The class names of one row (none is allowed: a row may have no label)."""
