@@ -14,6 +14,7 @@ from bench_serve import render as render_serve
 from bench_serve import serve_targets
 from bench_whole_run import render as render_whole_run
 from bench_whole_run import whole_run_targets
+from own_data import render as render_own_data
 
 METHOD = """\
 lorakit's LoRA against PEFT's LoRA (same targets, rank, alpha, head) and against full fine-tuning, measured
@@ -370,6 +371,8 @@ def render(out: Path) -> Path:
         lines += render_whole_run(sections["whole-run"])
     if many := read_json(out / "many-tasks.json"):
         lines += _many_tasks(many)
+    if own := read_json(out / "own-data.json"):
+        lines += [render_own_data(own)]
     if "quality" in sections:
         lines += _quality(sections["quality"], out)
     lines += _history(sections.get("lr-sweep"), sections.get("lora-variants"))

@@ -2,8 +2,8 @@
 
     python scripts/bench.py --only serve --out benchmarks       # about 5 minutes on 2 CPU cores
 
-The real MiniLM-L6 with four task adapters trained here by ``lorakit train`` (configs/minilm-sst2.yaml on a few
-hundred rows each; serving speed does not depend on how well they were trained): SST-2, MRPC, STS-B
+The real MiniLM-L6 with four task adapters trained here by ``lorakit train`` (configs/minilm-sst2.yaml on a
+few hundred rows each; serving speed does not depend on how well they were trained): SST-2, MRPC, STS-B
 (regression) and CoLA. Three ``lorakit serve`` processes, each started once, before the first round:
 
 * ``mixed``: the four adapters on one base; requests for all four tasks, shared mixed-task batches;
@@ -54,7 +54,14 @@ def train_adapters(root: Path, data: Path, rows: int, env: dict[str, str]) -> di
             "train.epochs": 1,
         }
         args = [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
-        command = [sys.executable, "-m", "lorakit", "train", str(REPO / "configs" / "minilm-sst2.yaml"), *args]
+        command = [
+            sys.executable,
+            "-m",
+            "lorakit",
+            "train",
+            str(REPO / "configs" / "minilm-sst2.yaml"),
+            *args,
+        ]
         done = subprocess.run([*command, "--output-dir", str(root / name)], env=env, capture_output=True)
         if done.returncode:
             raise SystemExit(f"training {name} failed:\n{done.stderr.decode()[-2000:]}")

@@ -4,8 +4,8 @@ all three dev sets; each task's dev metric from that one mixed run against its o
 
     python scripts/many_tasks.py --out benchmarks          # writes benchmarks/many-tasks.json, prints a table
 
-Every step is the CLI itself, run as a subprocess. Training follows configs/minilm-sst2.yaml with the task, its
-rows and the learning rate each task's sweep picked (benchmarks/lr-sweep.json).
+Every step is the CLI itself, run as a subprocess. Training follows configs/minilm-sst2.yaml with the task,
+its rows and the learning rate each task's sweep picked (benchmarks/lr-sweep.json).
 """
 
 from __future__ import annotations
