@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
 from pathlib import Path
 
 import peft
@@ -222,3 +223,38 @@ def test_load_adapter_keeps_only_the_tensors_the_filter_keeps(tmp_path: Path, to
     for path, module in lora_modules(source):  # every LoRA pair came from the file
         assert torch.equal(target.get_submodule(path).lora_A, module.lora_A)
         assert torch.equal(target.get_submodule(path).lora_B, module.lora_B)
+
+
+def test_adapter_files_are_the_same_bytes_whatever_order_safetensors_keeps_metadata_in() -> None:
+    """safetensors' writer orders metadata keys by a per-process hash; lorakit sorts them, so that two
+    identical runs write identical adapter files (checked here across fresh interpreters)."""
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    from lorakit.lora.files import safetensors_bytes
+
+    script = (
+        "import sys, torch; from lorakit.lora.files import safetensors_bytes; "
+        "meta = {'format': 'pt', 'lorakit.task_kind': 'multilabel', 'lorakit.label_names': '[\"a\", \"é\"]', "
+        "'lorakit.fused_slices': '{}'}; "
+        "sys.stdout.buffer.write(safetensors_bytes({'b': torch.arange(6.0), 'a': torch.ones(3)}, meta))"
+    )
+    outputs = {
+        subprocess.run([sys.executable, "-c", script], capture_output=True, check=True).stdout
+        for _ in range(4)
+    }
+    assert len(outputs) == 1
+    data = outputs.pop()
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+    assert (8 + int.from_bytes(data[:8], "little")) % 8 == 0
+    path = Path(tempfile.mkdtemp()) / "x.safetensors"
+    path.write_bytes(data)
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["lorakit.label_names"] == '["a", "é"]'
+        assert torch.equal(f.get_tensor("b"), torch.arange(6.0)) and torch.equal(
+            f.get_tensor("a"), torch.ones(3)
+        )
+    assert safetensors_bytes({"a": torch.ones(1)}) == safetensors_bytes({"a": torch.ones(1)})

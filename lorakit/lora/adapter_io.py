@@ -20,10 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from lorakit.lora.files import atomic_write, read_json_object, read_safetensors, read_safetensors_metadata
+from lorakit.lora.files import (
+    atomic_write,
+    read_json_object,
+    read_safetensors,
+    read_safetensors_metadata,
+    safetensors_bytes,
+)
 from lorakit.lora.heads import SavedModules
 from lorakit.lora.inject import (
     LoraConfig,
@@ -184,7 +189,8 @@ def write_adapter_files(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", **(metadata or {})}
-    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(dict(tensors), p, metadata=meta))
+    data = safetensors_bytes(dict(tensors), meta)  # the same bytes for the same adapter, run after run
+    atomic_write(out / WEIGHTS_NAME, lambda p: Path(p).write_bytes(data))
 
     def write_json(p: str) -> None:
         Path(p).write_text(json.dumps(dict(config_dict), indent=2, sort_keys=True) + "\n")

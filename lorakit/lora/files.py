@@ -78,6 +78,25 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     return _reading(path, lambda f: ({k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}))  # noqa: SIM118
 
 
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """safetensors' own serialization of ``tensors``, with the header's metadata keys in sorted order.
+
+    safetensors' writer keeps the metadata in a hash map whose order changes from one process to the next,
+    so a file with two or more metadata keys would differ byte for byte between two identical runs. The
+    header is rewritten with the same entries (tensor offsets are relative to its end), padded with spaces
+    to 8 bytes as safetensors pads it."""
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    meta = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | header
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + raw[8 + size :]
+
+
 def read_safetensors_metadata(path: Path) -> dict[str, str]:
     """The header metadata of a safetensors file, without reading its tensors; BrokenFileError as above."""
     return _reading(path, lambda f: dict(f.metadata() or {}))
