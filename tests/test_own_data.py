@@ -343,7 +343,9 @@ def test_a_local_dataset_folder_and_its_split_names(tmp_path: Path, tiny_roberta
     assert _metrics(run)["data"]["rows"] == {"train": 40, "validation": 20}
 
 
-def test_eval_on_a_test_file(tmp_path: Path, tiny_roberta_dir: Path, sst2_csv: tuple[Path, Path]) -> None:
+def test_eval_on_a_test_file_and_after_the_data_moved(
+    tmp_path: Path, tiny_roberta_dir: Path, sst2_csv: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     train, dev = sst2_csv
     task = {
         "type": "classification",
@@ -357,6 +359,16 @@ def test_eval_on_a_test_file(tmp_path: Path, tiny_roberta_dir: Path, sst2_csv: t
     assert main(["eval", str(run), "--split", "test"]) == 0
     tested = json.loads((run / "eval" / "metrics-test.json").read_text())
     assert tested["accuracy"] == _metrics(run)["best"]["accuracy"]  # the same rows as validation
+    # The data moves: merging needs none of it; eval says which file is missing, and --set finds it.
+    moved = dev.rename(dev.with_name("moved.csv"))
+    assert main(["merge", str(run), "--out", str(tmp_path / "merged")]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "task.validation_file" in err and str(dev) in err and len(err.splitlines()) == 1
+    assert main(["eval", str(run), "--set", f"task.validation_file={moved}"]) == 0
+    again = json.loads((run / "eval" / "metrics-validation.json").read_text())
+    assert again["accuracy"] == _metrics(run)["best"]["accuracy"]
 
 
 def _bad(tmp_path: Path, model: Path, task: dict, capsys: pytest.CaptureFixture[str], name: str) -> str:
