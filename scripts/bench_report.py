@@ -168,9 +168,9 @@ def _many_tasks(data: dict[str, Any]) -> list[str]:
         "",
         *table(head, rows),
     ] + [
-        "The real MiniLM-L6 with adapters trained by `lorakit train` (configs/demo.yaml with each task's "
-        f"rows and swept learning rate); one `lorakit predict` over all {data['rows']:,} dev rows, shuffled "
-        f"together, took {data['seconds']['predict (mixed)']:.0f} s as a whole process.",
+        "The real MiniLM-L6 with adapters trained by `lorakit train` (configs/minilm-sst2.yaml with each "
+        f"task's rows and swept learning rate); one `lorakit predict` over all {data['rows']:,} dev rows, "
+        f"shuffled together, took {data['seconds']['predict (mixed)']:.0f} s as a whole process.",
         "",
     ]
 

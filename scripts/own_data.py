@@ -17,7 +17,6 @@ import csv
 import hashlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -80,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
     args = parser.parse_args(argv)
     results: dict[str, dict] = {}
+    sys.path.insert(0, str(REPO / "scripts"))
+    import torch
+    from bench_common import environment as measured_on
+
+    environment = measured_on(torch.device("cpu"))  # before the runs: the load average is the start's
     with tempfile.TemporaryDirectory(prefix="lorakit-own-data-") as tmp:
         root = Path(tmp)
         env = {**os.environ, "LORAKIT_HOME": str(root / "home"), "HF_HUB_OFFLINE": "1"}
@@ -98,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     own, builtin = results["demo (own CSV)"], results["built-in sst2"]
     data = REPO / "configs" / "examples" / "data"
     result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "cpu": platform.processor() or platform.machine(),
-        "load_average": os.getloadavg()[0],
+        **environment,
         "runs": results,
         "demo_rule_met": own["best"]["accuracy"] == builtin["best"]["accuracy"],
         "demo_adapters_identical": own["adapter_sha256"] == builtin["adapter_sha256"],
@@ -122,8 +124,9 @@ def render(data: dict) -> str:
     lines = [
         "## Your own data (`python scripts/own_data.py`)",
         "",
-        f"{data['date']}, load average {data['load_average']:.1f} at the start; each run is `lorakit train` "
-        "on the real MiniLM-L6, as a subprocess.",
+        f"_{data['date']}, {data['device']}, torch {data['torch']}, transformers {data['transformers']}, "
+        f"load average {data['load_average'][0]:.2f} at the start._ Each run is `lorakit train` on the real "
+        "MiniLM-L6, as a subprocess; training s is metrics.json's `train_seconds` (the steps).",
         "",
         "| run | recipe | best dev | training s | trivial predictor on the same rows |",
         "|---|---|---|---:|---|",

@@ -404,3 +404,18 @@ def test_whole_run_times_both_processes_and_reports_where_time_went(
     assert "not measured: this CPU has no AVX-512 BF16" in row and row.endswith("| **no** |")
     assert "bf16: not measured in this run" in results
     assert "the 1 after it read them from the tokenized-rows cache" in results
+
+
+def test_the_own_data_section_says_no_when_the_demo_differs_from_the_built_in_task(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import bench_report
+    import own_data
+
+    measured = json.loads((REPO / "benchmarks" / "own-data.json").read_text())
+    assert "rows: yes; the two adapter files are byte-identical" in own_data.render(measured)
+    measured["demo_rule_met"], measured["demo_adapters_identical"] = False, False
+    (tmp_path / "own-data.json").write_text(json.dumps(measured))
+    text = bench_report.render(tmp_path).read_text()
+    assert "## Your own data" in text and "rows: **no**; the two adapter files are **not** identical" in text
