@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 from lorakit.lora import (
     LoraConfig,
     LoraFusedLinear,
-    adapter_io,
     import_loralib_checkpoint,
     inject_lora,
     load_adapter,
@@ -154,7 +153,7 @@ def test_writes_are_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapter_io, "save_file", crash)
+    monkeypatch.setattr(Path, "write_bytes", crash)  # the weights file is written as ready bytes
     with pytest.raises(OSError, match="disk full"):
         save_adapter(model, tmp_path / "out", config)
     assert list((tmp_path / "out").iterdir()) == []  # no half-written file, no temp left behind
