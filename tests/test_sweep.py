@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from lorakit.analysis.sweep import load_sweep
 from lorakit.cli import main
-from lorakit.recipe import load_recipe
+from lorakit.recipe import load_recipe, with_resolved_paths
 
 GRID = {
     "lora.r": [2, 4],
@@ -154,7 +154,7 @@ def test_grid_expands_to_points_with_their_recipes(swept: dict) -> None:
         assert point.recipe == load_recipe(swept["base"], overrides)
         assert point.run_dir == swept["root"] / point.name
         # Each trained point is a normal run directory holding exactly that recipe.
-        assert load_recipe(point.run_dir / "recipe.yaml") == point.recipe
+        assert load_recipe(point.run_dir / "recipe.yaml") == with_resolved_paths(point.recipe)
         assert (point.run_dir / "adapter_model.safetensors").is_file()
 
 

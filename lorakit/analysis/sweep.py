@@ -329,9 +329,15 @@ def point_state(point: Point) -> str:
         )
     saved, wanted = _flat(saved_recipe), _flat(point.recipe.model_dump())
     # A key the run's lorakit did not have yet ran as its default. output_dir says where, not what: a
-    # sweep moved and rerun with --output-dir still matches.
+    # sweep moved and rerun with --output-dir still matches. Training records local paths resolved and the
+    # class names it read from the data (task.labels: null), so those compare as what they stand for.
     defaults = _flat(Recipe().model_dump())
-    differ = sorted(k for k, v in wanted.items() if k != "output_dir" and saved.get(k, defaults.get(k)) != v)
+    differ = sorted(
+        k
+        for k, v in wanted.items()
+        if k not in ("output_dir", "task.labels" if v is None else "")
+        and not _same_value(saved.get(k, defaults.get(k)), v)
+    )
     if differ:
         shown = ", ".join(differ[:4]) + (", ..." if len(differ) > 4 else "")
         raise UserError(
@@ -339,6 +345,15 @@ def point_state(point: Point) -> str:
             where=str(run_dir),
         )
     return state
+
+
+def _same_value(saved: Any, wanted: Any) -> bool:
+    """Equal, or two spellings of one local path (relative and absolute, through a symlink)."""
+    if saved == wanted:
+        return True
+    if isinstance(saved, str) and isinstance(wanted, str) and Path(wanted).exists():
+        return Path(saved).expanduser().resolve() == Path(wanted).expanduser().resolve()
+    return False
 
 
 def plan_lines(sweep: Sweep) -> list[str]:
