@@ -3,6 +3,8 @@ parameter groups, and the precision of the trainable weights."""
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -13,7 +15,11 @@ from lorakit.data import IGNORE_INDEX
 # Where torch (>= 2.4) has a fused AdamW kernel, and for which weights.
 _FUSED_DEVICES = ("cpu", "cuda")
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight")
+# Normalisation modules by class: torch's own, and every class named as one (any class in the MRO):
+# transformers' LlamaRMSNorm, GemmaRMSNorm, T5LayerNorm, ConvNextLayerNorm, LayerNorm2d, Mamba2's
+# MambaRMSNormGated... Names of modules would not do: GPT-2 calls its norms ln_1, Mamba norm_f.
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+_NORM_CLASS_NAME = re.compile(r"Norm(?:\d+d)?(?:Gated)?$")
 
 
 def task_loss(
@@ -61,18 +67,42 @@ def global_mean_loss(
     return total * n / accelerator.reduce(tokens, "sum").clamp_min(1.0)
 
 
+def is_norm_module(module: nn.Module) -> bool:
+    """True for a normalisation layer: a torch norm, or any class whose name (or a base class's) says so."""
+    return isinstance(module, _NORM_TYPES) or any(
+        _NORM_CLASS_NAME.search(cls.__name__) for cls in type(module).__mro__
+    )
+
+
+def no_decay_parameter_ids(model: nn.Module) -> set[int]:
+    """``id`` of every parameter that takes no weight decay: biases and the weights of norm layers.
+
+    Decided by role, not by the names one model family gives its norms, so that every family is covered
+    (Llama's input_layernorm, GPT-2's ln_1, BERT's LayerNorm alike). A norm's own parameters only: an
+    adaptive norm's projection (a Linear inside it) is a weight matrix like any other and decays. A
+    parameter is a bias when its name ends so (bias, DeBERTa's q_bias): the rule the names gave before,
+    which keeps the groups, and so the optimizer state in checkpoints, of the families it already knew.
+    """
+    ids = {id(p) for m in model.modules() if is_norm_module(m) for p in m.parameters(recurse=False)}
+    ids.update(id(p) for name, p in model.named_parameters() if name.endswith("bias"))
+    return ids
+
+
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters only; no weight decay on biases and layer norms.
+    """AdamW over trainable parameters only; no weight decay on biases and normalisation layers
+    (``no_decay_parameter_ids``).
 
     torch's fused AdamW kernel (one pass over each tensor for the whole update) where every trainable
     tensor can use it, as the Hugging Face Trainer's default ``adamw_torch_fused``: it matters for full
     fine-tuning, whose update touches every weight (about 10% of a RoBERTa-base step on the CPU,
     benchmarks/RESULTS.md). Elsewhere, torch's default implementation.
     """
+    skip = no_decay_parameter_ids(model)
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    # The parameters' own order within each group: checkpoints name the Adam state by it (loop.py's layout).
+    for param in model.parameters():
         if param.requires_grad:
-            (no_decay if name.endswith(_NO_DECAY) else decay).append(param)
+            (no_decay if id(param) in skip else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     params = [p for g in groups for p in g["params"]]
