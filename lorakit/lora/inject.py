@@ -3,7 +3,10 @@
 Targets are given as
 * a list of module-name suffixes (``["query", "value"]`` matches ``...attention.self.query``), where an
   entry ``"c_attn[q,v]"`` adapts only slices q and v of a fused projection declared in ``fused_slices``;
-* or one regular expression matched against full module names (``re.fullmatch``, as PEFT does).
+* or one regular expression matched against full module names (``re.fullmatch``, as PEFT does);
+* or ``"all-linear"``: every nn.Linear and GPT-2 Conv1D but the output head, resolved as PEFT resolves it
+  (``_maybe_include_all_linear_layers``); a fused projection (GPT-2's c_attn) is adapted whole, as in
+  PEFT, not as q/v slices. Adapter files name the resolved modules, never the shorthand.
 
 Every requested target must match at least one module; one that matches nothing is an error that
 lists the candidate names (PEFT accepts ``["query", "FAKE"]`` silently; we don't).
@@ -19,7 +22,7 @@ from dataclasses import dataclass, replace
 from torch import nn
 
 from lorakit.lora import presets
-from lorakit.lora.config import BIAS_CHOICES, LoraConfig
+from lorakit.lora.config import ALL_LINEAR, BIAS_CHOICES, LoraConfig, is_all_linear
 from lorakit.lora.heads import SavedModules
 from lorakit.lora.layers import (
     DEFAULT_ADAPTER,
@@ -31,6 +34,8 @@ from lorakit.lora.layers import (
 )
 
 _SLICE_TARGET = re.compile(r"^(?P<module>[\w.]+)\[(?P<slices>\w+(?:\s*,\s*\w+)*)\]$")
+# PEFT's SEQ_CLS_HEAD_NAMES: where a model without output embeddings keeps its classifier's output layer.
+_CLASSIFIER_ATTRS = ("score", "classifier")
 
 
 class TargetNotFoundError(ValueError):
@@ -82,6 +87,36 @@ def candidate_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def _all_linear(model: nn.Module, config: LoraConfig) -> dict[str, tuple[str, ...] | None]:
+    """Every linear layer but those PEFT's all-linear leaves out: the output embeddings (a causal LM's
+    lm_head), else a classifier's top-level ``score`` or ``classifier``; and the modules to save, which
+    train whole, so a LoRA inside one would duplicate its weights (PEFT refuses to target them)."""
+    names = {id(m): n for n, m in model.named_modules() if n}
+    getter = getattr(model, "get_output_embeddings", None)  # a transformers method, read by duck typing
+    head = getter() if callable(getter) else None
+    if head is None:
+        # PEFT looks for these with task_type SEQ_CLS only; lorakit's models without output embeddings
+        # are its sequence classifiers.
+        head = next(
+            (getattr(model, a) for a in _CLASSIFIER_ATTRS if getattr(model, a, None) is not None), None
+        )
+    heads = [names[id(head)]] if id(head) in names else []
+    heads += [n for n in names.values() if any(suffix_matches(n, m) for m in config.modules_to_save)]
+    found: dict[str, tuple[str, ...] | None] = {
+        n: None
+        for n, m in _target_candidates(model).items()
+        # A LoRA wrapper stands for the linear layer it wraps, as PEFT's tuner layers do; LoraEmbedding not.
+        if (isinstance(m, (nn.Linear, LoraLinear, LoraFusedLinear)) or is_conv1d(m))
+        and not any(n == h or n.startswith(h + ".") for h in heads)
+    }
+    if not found:
+        raise TargetNotFoundError(
+            f"target_modules {ALL_LINEAR!r} finds no linear layer outside the output head "
+            f"({', '.join(heads) or 'none'}); candidates: {', '.join(candidate_names(model))}"
+        )
+    return found
+
+
 def _lookup(pattern: Mapping[str, float], name: str, default: float) -> float:
     for key, value in pattern.items():
         if suffix_matches(name, key):
@@ -104,7 +139,10 @@ def resolve_defaults(model: nn.Module, config: LoraConfig) -> LoraConfig:
         try:
             targets = presets.paper_targets(model_type)
         except KeyError as err:
-            raise TargetNotFoundError(err.args[0]) from None
+            # The model is at hand here, so the message can show the names its modules really have.
+            raise TargetNotFoundError(
+                f"{err.args[0]}; this model's modules: {', '.join(candidate_names(model))}"
+            ) from None
     fused = dict(config.fused_slices) or presets.fused_slices(model_type)
     return replace(config, target_modules=targets, fused_slices=fused)
 
@@ -117,6 +155,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, tuple[str, .
     config = resolve_defaults(model, config)
     modules = _target_candidates(model)
     found: dict[str, tuple[str, ...] | None] = {}
+    if is_all_linear(config.target_modules):
+        return _all_linear(model, config)
     if isinstance(config.target_modules, str):
         regex = re.compile(config.target_modules)
         found = {n: None for n, m in modules.items() if regex.fullmatch(n) and _adaptable(m)}

@@ -2,6 +2,10 @@
 
 Plain data (no transformers import), so the core stays torch-only: which modules hold W_q and W_v,
 which projections are fused, and which freshly initialised modules form a sequence-classification head.
+Every module name was checked against the installed transformers by building each family's tiny model
+(tests/test_families.py). Families that fuse q|k|v into one projection without a slice declaration here
+(Phi-3, GPT-NeoX, Falcon, BLOOM, GPT-BigCode, ModernBERT) have no preset on purpose: adapting the whole
+fused module would silently adapt W_k too, which is not the paper's choice.
 """
 
 from __future__ import annotations
@@ -17,6 +21,18 @@ PAPER_TARGETS: Mapping[str, Sequence[str]] = {
     "deberta-v2": ("query_proj", "value_proj"),
     "deberta": ("in_proj",),  # DeBERTa v1 fuses q|k|v in one in_proj; adapting it whole is the fallback
     "gpt2": ("c_attn[q,v]",),
+    "distilbert": ("q_lin", "v_lin"),
+    # Decoders with separate projections (Llama's naming, which the others copied). Phi keeps q/k/v apart
+    # too (its output projection is ``dense``); OPT's attention is BART's (``out_proj``).
+    "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+    "qwen3": ("q_proj", "v_proj"),
+    "gemma": ("q_proj", "v_proj"),
+    "gemma2": ("q_proj", "v_proj"),
+    "gemma3_text": ("q_proj", "v_proj"),
+    "phi": ("q_proj", "v_proj"),
+    "opt": ("q_proj", "v_proj"),
 }
 
 # Fused projections: module-name suffix -> names of its equal output slices, in order.
@@ -29,7 +45,9 @@ FUSED_SLICES: Mapping[str, Mapping[str, Sequence[str]]] = {
 # BERT splits the same two layers into ``pooler`` and ``classifier``; its pooler comes from next-sentence
 # prediction, which later BERT-family checkpoints (sentence-transformers' MiniLM among them) never
 # trained, so it trains with the classifier, as RoBERTa's dense layer does. DeBERTa-v2's ContextPooler
-# is not in the pretrained checkpoints at all: it belongs with the head too.
+# is not in the pretrained checkpoints at all: it belongs with the head too. DistilBERT's pre_classifier is
+# the same dense layer, absent from its masked-LM checkpoints. The decoders' classifiers read the last
+# non-pad token's state through one bias-free ``score`` projection, fresh in every causal-LM checkpoint.
 SEQ_CLS_HEADS: Mapping[str, Sequence[str]] = {
     "roberta": ("classifier",),
     "xlm-roberta": ("classifier",),
@@ -38,17 +56,28 @@ SEQ_CLS_HEADS: Mapping[str, Sequence[str]] = {
     "deberta-v2": ("classifier", "pooler"),
     "deberta": ("classifier", "pooler"),
     "gpt2": ("score",),
+    "distilbert": ("pre_classifier", "classifier"),
+    "llama": ("score",),
+    "mistral": ("score",),
+    "qwen2": ("score",),
+    "qwen3": ("score",),
+    "gemma": ("score",),
+    "gemma2": ("score",),
+    "gemma3_text": ("score",),
+    "phi": ("score",),
+    "opt": ("score",),
 }
 
 
 def paper_targets(model_type: str) -> list[str]:
-    """The paper's target modules for an architecture; KeyError lists the known ones."""
+    """The paper's target modules for an architecture; KeyError says how to choose them instead."""
     try:
         return list(PAPER_TARGETS[model_type])
     except KeyError:
+        # One line that a recipe author can act on: the three forms ``target_modules`` accepts.
         raise KeyError(
-            f"no default LoRA targets for model type {model_type!r} (known: {', '.join(PAPER_TARGETS)}); "
-            "set lora.target_modules"
+            f"no default LoRA targets for model type {model_type!r}; set lora.target_modules, "
+            "e.g. [q_proj, v_proj] (module names), a regular expression, or all-linear"
         ) from None
 
 

@@ -1,0 +1,259 @@
+"""Model families beyond the paper's: each preset's q/v targets and sequence-classification head, checked on
+tiny random models of the installed transformers, and ``all-linear`` resolved as PEFT resolves it. Every
+adapter is saved by lorakit and loaded by PEFT, and merging leaves the outputs as they were."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from conftest import randomize_lora, train_glue_run
+
+from lorakit.errors import UserError
+from lorakit.lora import (
+    LoraConfig,
+    TargetNotFoundError,
+    activated,
+    add_adapter,
+    inject_lora,
+    lora_modules,
+    mark_trainable,
+    save_adapter,
+    seq_cls_heads,
+    unload_lora,
+)
+
+VOCAB = 128  # token_batch draws ids below 120
+# Sizes shared by every family; GQA (2 key/value heads for 4 query heads) where the family has it.
+TINY = dict(
+    vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+)
+GQA = dict(num_key_value_heads=2, head_dim=8)
+CONFIGS: dict[str, dict] = {
+    "llama": {**TINY, **GQA},
+    "mistral": {**TINY, **GQA},
+    "qwen2": {**TINY, "num_key_value_heads": 2},
+    "qwen3": {**TINY, **GQA},
+    "gemma": {**TINY, **GQA},
+    "gemma2": {**TINY, **GQA},
+    "gemma3_text": {**TINY, **GQA},
+    "phi": dict(TINY),  # Phi-1/2: multi-head attention
+    "opt": {**TINY, "ffn_dim": 64, "word_embed_proj_dim": 32},
+    "distilbert": dict(vocab_size=VOCAB, dim=32, hidden_dim=64, n_heads=4, n_layers=2),
+    "xlm-roberta": dict(TINY),
+    "electra": {**TINY, "embedding_size": 16},  # smaller than hidden: an embeddings_project Linear
+    # all-linear only: GPT-2's default (c_attn q/v slices) is test_adapter_io's; Phi-3 (fused q|k|v) has none.
+    "gpt2": dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4),
+    "phi3": {**TINY, "num_key_value_heads": 2},
+}
+DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "opt")
+# Where each family keeps W_q and W_v: written out, not derived from the presets under test.
+QV = {
+    **{t: "model.layers.{i}.self_attn.{p}" for t in DECODERS},
+    "opt": "model.decoder.layers.{i}.self_attn.{p}",
+    "distilbert": "distilbert.transformer.layer.{i}.attention.{p}",
+    "xlm-roberta": "roberta.encoder.layer.{i}.attention.self.{p}",
+    "electra": "electra.encoder.layer.{i}.attention.self.{p}",
+}
+QV_NAMES = {
+    "distilbert": ("q_lin", "v_lin"),
+    "xlm-roberta": ("query", "value"),
+    "electra": ("query", "value"),
+}
+# Encoders: sequence classifiers only (DistilBERT has no causal-LM class; the others' are not LMs).
+ENCODERS = ("distilbert", "xlm-roberta", "electra")
+CASES = [
+    *[(t, kind, targets) for t in DECODERS for kind in ("seq_cls", "causal") for targets in ("paper", "all")],
+    *[(t, "seq_cls", targets) for t in ENCODERS for targets in ("paper", "all")],
+    *[(t, kind, "all") for t in ("gpt2", "phi3") for kind in ("seq_cls", "causal")],
+]
+
+
+def tiny(model_type: str, kind: str) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    # pad_token_id: a decoder classifier reads the last non-pad token and refuses batches without one.
+    config = AutoConfig.for_model(model_type, pad_token_id=0, **CONFIGS[model_type])
+    auto = AutoModelForSequenceClassification if kind == "seq_cls" else AutoModelForCausalLM
+    return auto.from_config(config).eval()
+
+
+def expected_qv(model_type: str) -> list[str]:
+    names = QV_NAMES.get(model_type, ("q_proj", "v_proj"))
+    return sorted(QV[model_type].format(i=i, p=p) for i in range(2) for p in names)
+
+
+def peft_all_linear(base: torch.nn.Module, task_type: str, heads: list[str]) -> set[str]:
+    """The modules PEFT itself adapts for ``target_modules="all-linear"``."""
+    config = peft.LoraConfig(
+        r=4, target_modules="all-linear", task_type=task_type, modules_to_save=list(heads) or None
+    )
+    return set(peft.get_peft_model(copy.deepcopy(base), config).base_model.targeted_module_names)
+
+
+def perturb_heads(model: torch.nn.Module, heads: list[str]) -> None:
+    """Move the head off its initial weights, so that the saved head (not a fresh one) must be loaded."""
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(name.startswith(h + ".") for h in heads):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize(("model_type", "kind", "targets"), CASES, ids=lambda v: str(v))
+def test_peft_loads_and_merge_keeps_the_outputs(
+    model_type: str, kind: str, targets: str, tmp_path: Path, token_batch
+) -> None:
+    base = tiny(model_type, kind)
+    model = copy.deepcopy(base)
+    # Filtered by presence, as lorakit.models does: a family without a preset gets two candidates.
+    present = {n for n, _ in base.named_modules()}
+    heads = [h for h in seq_cls_heads(model_type) if h in present] if kind == "seq_cls" else []
+    task_type = "SEQ_CLS" if kind == "seq_cls" else "CAUSAL_LM"
+    config = LoraConfig(
+        r=4, alpha=8, target_modules=None if targets == "paper" else "all-linear", modules_to_save=heads
+    )
+    adapted = inject_lora(model, config)
+    if targets == "paper":
+        assert sorted(adapted) == expected_qv(model_type)
+    else:
+        assert set(adapted) == peft_all_linear(base, task_type, heads)
+        assert not any(n.split(".")[0] in ("lm_head", "score", *heads) for n in adapted)
+    mark_trainable(model, config.bias, heads)
+    randomize_lora(model)
+    perturb_heads(model, heads)
+
+    with torch.no_grad():
+        ours = model(**token_batch).logits
+        with activated(model, None):
+            without_lora = model(**token_batch).logits
+    assert max_diff(ours, without_lora) > 1e-4  # the update counts, so the parity below is not vacuous
+
+    save_adapter(model, tmp_path, config, base_model_name_or_path="tiny", task_type=task_type)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert isinstance(written["target_modules"], list)  # resolved names: PEFT adapts exactly these
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert set(theirs.base_model.targeted_module_names) == set(adapted)
+    with torch.no_grad():
+        assert max_diff(ours, theirs(**token_batch).logits) <= 1e-5
+        merged = unload_lora(model, merge=True)
+        assert not list(lora_modules(merged))
+        assert max_diff(ours, merged(**token_batch).logits) <= 1e-5
+
+
+@pytest.mark.parametrize("model_type", [*DECODERS, *ENCODERS])
+def test_seq_cls_head_is_every_module_outside_the_base_model(model_type: str) -> None:
+    """The head to train and save is exactly what a base checkpoint lacks: every parameter of the
+    classifier outside its base model, and nothing inside it."""
+    model = tiny(model_type, "seq_cls")
+    heads = seq_cls_heads(model_type)
+    outside = {n for n, _ in model.named_parameters() if not n.startswith(model.base_model_prefix + ".")}
+    assert outside
+    assert all(any(n.startswith(h + ".") for h in heads) for n in outside)
+    assert all(any(n.startswith(h + ".") for n in outside) for h in heads)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "electra"])
+def test_all_linear_leaves_the_classifier_out_even_when_it_is_not_saved(model_type: str) -> None:
+    """``lora.modules_to_save: []``: PEFT still leaves a classifier's top-level ``score`` / ``classifier``
+    out, and with it ELECTRA's dense layer inside its classifier. (Not DistilBERT: PEFT then matches
+    pre_classifier as the module to save "classifier" by its name's ending, and refuses.)"""
+    base = tiny(model_type, "seq_cls")
+    adapted = inject_lora(copy.deepcopy(base), LoraConfig(target_modules="all-linear"))
+    assert set(adapted) == peft_all_linear(base, "SEQ_CLS", [])
+    assert not any(n.startswith(("score", "classifier")) for n in adapted)
+
+
+def test_all_linear_adds_a_second_adapter_beside_the_first_and_never_inside_the_head() -> None:
+    model = tiny("llama", "seq_cls")
+    config = LoraConfig(r=4, alpha=8, target_modules="ALL-LINEAR", modules_to_save=["score"])  # case as PEFT
+    first = add_adapter(model, "one", config)
+    second = add_adapter(model, "two", config)
+    assert first == second and len(first) == 2 * 7  # q, k, v, o, gate, up, down in each layer
+    assert not any("score" in n for n, _ in lora_modules(model))
+
+
+def test_a_family_without_a_preset_says_how_to_choose_targets() -> None:
+    from lorakit.models import apply_lora
+    from lorakit.recipe import recipe_from_dict
+    from lorakit.tasks import get_task
+
+    model = tiny("phi3", "seq_cls")
+    message = (
+        "no default LoRA targets for model type 'phi3'; set lora.target_modules, "
+        "e.g. [q_proj, v_proj] (module names), a regular expression, or all-linear; this model's modules: "
+    )
+    with pytest.raises(TargetNotFoundError) as err:
+        inject_lora(model, LoraConfig())
+    assert str(err.value).startswith(message) and "qkv_proj" in str(err.value)
+
+    recipe = recipe_from_dict(
+        {"model": {"name_or_path": "tiny/phi3"}, "task": {"name": "sst2"}}, source="r.yaml"
+    )
+    with pytest.raises(UserError, match=r"^r\.yaml: lora\.target_modules: no default LoRA targets .*'phi3'"):
+        apply_lora(recipe, model, get_task("sst2"))
+    # The same recipe with all-linear goes through: the schema's string is not read as a regex.
+    recipe = recipe_from_dict(
+        {
+            "model": {"name_or_path": "tiny/phi3"},
+            "task": {"name": "sst2"},
+            "lora": {"target_modules": "all-linear"},
+        },
+        source="r.yaml",
+    )
+    config, adapted = apply_lora(recipe, model, get_task("sst2"))
+    assert config.modules_to_save == ("score",)
+    assert sorted({n.rsplit(".", 1)[-1] for n in adapted}) == [
+        "down_proj",
+        "gate_up_proj",
+        "o_proj",
+        "qkv_proj",
+    ]
+
+
+def test_train_a_tiny_llama_classifier_on_sst2_and_peft_reloads_it(tmp_path: Path, shared_data: Path) -> None:
+    """One real ``lorakit train`` run: default targets on a Llama sequence classifier (GPT-2 tokenizer)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig
+
+    from lorakit.models import load_trained
+    from lorakit.recipe import load_recipe
+    from lorakit.tasks import get_task
+
+    eos = 50256  # GPT-2's; its tokenizer pads with eos, so the model's pad must be eos too
+    base_dir = tmp_path / "tiny-llama"
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        **{**TINY, **GQA, "vocab_size": 50257}, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos
+    )
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(base_dir)
+    AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "gpt2").save_pretrained(base_dir)
+
+    run = train_glue_run(
+        tmp_path / "run", base_dir, "sst2", shared_data / "glue" / "SST-2", {"r": 4, "alpha": 32}
+    )
+    written = json.loads((run / "adapter_config.json").read_text())
+    assert written["target_modules"] == ["q_proj", "v_proj"] and written["modules_to_save"] == ["score"]
+
+    recipe = load_recipe(run / "recipe.yaml")
+    prepared = load_trained(run, recipe, get_task(recipe.task.name, recipe.task.data_dir))
+    rows = [
+        line.split("\t")[0]
+        for line in (shared_data / "glue" / "SST-2" / "dev.tsv").read_text().splitlines()[1:9]
+    ]
+    batch = prepared.tokenizer(rows, return_tensors="pt", padding=True)
+    fresh = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2)
+    with torch.no_grad():
+        before = fresh(**batch).logits
+        theirs = peft.PeftModel.from_pretrained(fresh, run).eval()(**batch).logits
+        ours = prepared.model(**batch).logits
+    assert max_diff(ours, theirs) <= 1e-5
+    assert max_diff(theirs, before) > 1e-4  # the run trained the head and LoRA: the file carries them
