@@ -315,7 +315,8 @@ class LoraSection(_Section):
     r: Int = Field(8, gt=0)
     alpha: Float = Field(16.0, gt=0)
     dropout: Float = Field(0.0, ge=0, lt=1)
-    # None: the architecture's default; a list: module name suffixes; a str: a regex on full names.
+    # None: the architecture's default; a list: module name suffixes; "all-linear": every linear layer but
+    # the output head (as PEFT resolves it); another str: a regular expression on full names.
     target_modules: list[str] | str | None = None
     bias: Literal["none", "all", "lora_only"] = "none"
     modules_to_save: list[str] | None = None
