@@ -150,6 +150,34 @@ def test_peft_loads_and_merge_keeps_the_outputs(
         assert max_diff(ours, merged(**token_batch).logits) <= 1e-5
 
 
+@pytest.mark.parametrize(
+    ("model_type", "kind"),
+    [*[(t, k) for t in DECODERS for k in ("seq_cls", "causal")], *[(t, "seq_cls") for t in ENCODERS]],
+)
+def test_a_mixed_batch_of_two_adapters_equals_each_alone(model_type: str, kind: str, token_batch) -> None:
+    """Two adapters of one family on one base (the paper's targets at r = 4, all-linear at r = 2), rows of
+    both in one batch: each row's logits are those its adapter gives alone."""
+    from lorakit.lora import mixed_logits
+
+    model = tiny(model_type, kind)
+    present = {n for n, _ in model.named_modules()}
+    heads = [h for h in seq_cls_heads(model_type) if h in present] if kind == "seq_cls" else []
+    add_adapter(model, "qv", LoraConfig(r=4, alpha=8, modules_to_save=heads))
+    add_adapter(model, "every", LoraConfig(r=2, alpha=4, target_modules="all-linear", modules_to_save=heads))
+    randomize_lora(model)
+    perturb_heads(model, heads)  # one copy each: the two heads differ once both are moved
+    rows = ["qv", "every", "qv"]
+    with torch.no_grad():
+        alone = {}
+        for name in ("qv", "every"):
+            with activated(model, name):
+                alone[name] = model(**token_batch).logits
+        assert max_diff(alone["qv"], alone["every"]) > 1e-4  # two different adapters
+        mixed, _ = mixed_logits(model, rows, **token_batch)
+    for i, name in enumerate(rows):
+        assert max_diff(mixed[i], alone[name][i]) <= 1e-5, (i, name)
+
+
 @pytest.mark.parametrize("model_type", [*DECODERS, *ENCODERS])
 def test_seq_cls_head_is_every_module_outside_the_base_model(model_type: str) -> None:
     """The head to train and save is exactly what a base checkpoint lacks: every parameter of the
