@@ -230,7 +230,7 @@ def evaluate_run(
     sets = eval_sets(recipe, task, prepared.tokenizer, splits, prompt_room=room)
     model = accelerator.prepare(prepared.model)
     for es in sets:
-        es.loader = accelerator.prepare(es.loader)
+        es.prepare(accelerator)
     metrics, predictions = evaluate(model, sets, task, accelerator, prepared.tokenizer, recipe.generation)
     out_dir = run_dir / "eval"
     if accelerator.is_main_process:

@@ -13,6 +13,7 @@ import csv
 import json
 import logging
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -517,3 +518,35 @@ def test_validation_held_out_of_train(
     assert validation7 == held[0]
     assert sorted(train7 + validation7) == sorted(completions)
     assert split(8)[1] != validation7
+
+
+@pytest.mark.slow
+def test_two_processes_report_the_loss_peft_computes(
+    tmp_path: Path, gpt2_dir: Path, tokenizer: Any, shared_data: Path
+) -> None:
+    """Under `--num-processes 2` the teacher-forced loader is sharded, and the last batches are padded with
+    repeated rows: the reported eval_loss still counts each validation token once (PEFT, independently)."""
+    import subprocess
+    import sys
+
+    rows = {
+        "train": _pairs(_e2e(shared_data, "trainset.csv", range(32))),
+        "validation": _pairs(_e2e(shared_data, "devset.csv", range(0, 13 * 292, 292))),  # 13: odd, uneven
+    }
+    files = {split: _write_jsonl(tmp_path / f"{split}.jsonl", r) for split, r in rows.items()}
+    run = tmp_path / "run"
+    task = {"train_file": str(files["train"]), "validation_file": str(files["validation"])}
+    recipe = _write_recipe(tmp_path / "gen.yaml", gpt2_dir, task, run, batch_size=4)
+    env = {**os.environ, "LORAKIT_HOME": str(tmp_path / "home")}
+    done = subprocess.run(
+        [sys.executable, "-m", "lorakit", "train", str(recipe), "--num-processes", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2
+    expected = _loss(_peft_model(gpt2_dir, run), tokenizer, rows["validation"])
+    assert metrics["best"]["eval_loss"] == pytest.approx(expected, rel=1e-5)

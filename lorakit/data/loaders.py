@@ -57,6 +57,12 @@ class EvalSet:
     # Teacher-forced batches of the references, for the loss and perplexity (tasks with ``eval_loss``).
     loss_loader: DataLoader | None = None
 
+    def prepare(self, accelerator: Any) -> None:
+        """Both loaders through ``accelerator.prepare``: on the model's device, sharded across processes."""
+        self.loader = accelerator.prepare(self.loader)
+        if self.loss_loader is not None:
+            self.loss_loader = accelerator.prepare(self.loss_loader)
+
 
 @dataclass
 class DataReport:

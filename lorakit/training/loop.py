@@ -144,7 +144,7 @@ class _Loop:
             self.prepared.model, optimizer, self.train_dl
         )
         for es in self.evals:
-            es.loader = accelerator.prepare(es.loader)
+            es.prepare(accelerator)
         self.state = LoopState(global_batch_size=self.global_batch)
         self.log: reporting.JsonlLog | None = None  # the main process's, once the run directory exists
 
