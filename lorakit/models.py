@@ -153,8 +153,10 @@ def model_config(recipe: Recipe, task: Task | HeadSpec) -> PretrainedConfig:
     # Set explicitly so that a checkpoint fine-tuned on another kind of task does not carry its own.
     config.problem_type = _PROBLEM_TYPES.get(task.kind, "single_label_classification")
     if getattr(config, "pad_token_id", None) is None:
-        # GPT-2's classifier reads the last non-pad token and refuses batches without a pad id;
-        # the tokenizer pads with eos (load_tokenizer), so the model must know eos is the pad.
+        # Decoder classifiers refuse batches of more than one row without a pad id, and plain transformers
+        # (a merged model) pools the last token that is not the pad; the tokenizer pads with eos
+        # (load_tokenizer), so eos is the pad. Models lorakit builds pool by the attention mask instead
+        # (build_model), so a text's own final eos is not taken for padding.
         eos = getattr(config, "eos_token_id", None)
         config.pad_token_id = eos[0] if isinstance(eos, list) else eos
     return config
@@ -193,7 +195,9 @@ def build_model(
 ) -> PreTrainedModel:
     """The base model for ``task``, weights at ``model.dtype``; the head is fresh when the checkpoint
     has none or one of another size. Every parameter is left trainable. ``config``: a ready
-    ``model_config(recipe, task)``, to save reading it again."""
+    ``model_config(recipe, task)``, to save reading it again. A decoder classifier pools each row's last
+    real token by the attention mask, so a text ending with EOS is not read as padding
+    (``lorakit.pooling``); training, eval, predict, serve and merge all build their model here."""
     config = config if config is not None else model_config(recipe, task)
     path = recipe.model.name_or_path
     try:
@@ -209,6 +213,11 @@ def build_model(
         raise UserError(
             f"cannot load the model {path!r}: {_one_line(exc)}", recipe.where("model.name_or_path")
         ) from None
+    if task.kind != "generation":
+        # Imported here, not in the module's import block, which edits to other functions share.
+        from lorakit.pooling import pool_last_real_token
+
+        pool_last_real_token(model)  # a no-op for encoders, which pool their first token
     return model
 
 
