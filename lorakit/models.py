@@ -235,11 +235,30 @@ def empty_model(recipe: Recipe, task: Task, config: PretrainedConfig | None = No
 def lora_config(recipe: Recipe, model: nn.Module, task: Task) -> LoraConfig:
     """The core's ``LoraConfig`` for the recipe's ``lora`` section. Null ``target_modules`` stay null
     (the core picks the paper's targets from ``config.model_type``); null ``modules_to_save`` become
-    the architecture's head for classification and regression, nothing for generation."""
+    the architecture's head for classification and regression, nothing for generation. Fused q|k|v
+    projections get their slices' row counts from the model's config (``lorakit.families``), which the
+    core cannot read."""
+    # Imported here: this module's import block is shared with edits to the model-building functions.
+    from lorakit import families
+    from lorakit.lora import paper_targets
+
     section = recipe.lora
+    hf_config = getattr(model, "config", None)
+    model_type = getattr(hf_config, "model_type", "")
+    problem = families.layout_problem(hf_config)
+    if section.target_modules is None and problem is not None:
+        try:
+            paper_targets(model_type)
+        except KeyError:
+            pass  # no preset at all: the core's message lists the model's modules
+        else:
+            raise UserError(
+                f"{problem}, so it has no q/v slices to adapt by default; set lora.target_modules "
+                "(the fused module whole, all-linear, or other modules)",
+                recipe.where("lora.target_modules"),
+            )
     to_save = section.modules_to_save
     if to_save is None and task.kind != "generation":
-        model_type = getattr(getattr(model, "config", None), "model_type", "")
         names = [n for n, _ in model.named_modules() if n]
         # Filtered by presence: the fallback for unknown architectures names two candidates at once.
         to_save = [h for h in seq_cls_heads(model_type) if any(suffix_matches(n, h) for n in names)]
@@ -257,6 +276,7 @@ def lora_config(recipe: Recipe, model: nn.Module, task: Task) -> LoraConfig:
         modules_to_save=tuple(to_save or ()),
         init=section.init,
         use_rslora=section.use_rslora,
+        fused_slices=families.fused_slices(hf_config),
     )
 
 

@@ -46,9 +46,11 @@ CONFIGS: dict[str, dict] = {
     "distilbert": dict(vocab_size=VOCAB, dim=32, hidden_dim=64, n_heads=4, n_layers=2),
     "xlm-roberta": dict(TINY),
     "electra": {**TINY, "embedding_size": 16},  # smaller than hidden: an embeddings_project Linear
-    # all-linear only: GPT-2's default (c_attn q/v slices) is test_adapter_io's; Phi-3 (fused q|k|v) has none.
+    # all-linear only: GPT-2's and Phi-3's defaults (q/v slices of a fused projection) are tested in
+    # test_adapter_io and test_fused_families; GPT-NeoX (per-head interleaved q|k|v) has no preset.
     "gpt2": dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4),
     "phi3": {**TINY, "num_key_value_heads": 2},
+    "gpt_neox": dict(TINY),
 }
 DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "opt")
 # Where each family keeps W_q and W_v: written out, not derived from the presets under test.
@@ -215,24 +217,26 @@ def test_a_family_without_a_preset_says_how_to_choose_targets() -> None:
     from lorakit.recipe import recipe_from_dict
     from lorakit.tasks import get_task
 
-    model = tiny("phi3", "seq_cls")
+    model = tiny("gpt_neox", "seq_cls")
     message = (
-        "no default LoRA targets for model type 'phi3'; set lora.target_modules, "
+        "no default LoRA targets for model type 'gpt_neox'; set lora.target_modules, "
         "e.g. [q_proj, v_proj] (module names), a regular expression, or all-linear; this model's modules: "
     )
     with pytest.raises(TargetNotFoundError) as err:
         inject_lora(model, LoraConfig())
-    assert str(err.value).startswith(message) and "qkv_proj" in str(err.value)
+    assert str(err.value).startswith(message) and "query_key_value" in str(err.value)
 
     recipe = recipe_from_dict(
-        {"model": {"name_or_path": "tiny/phi3"}, "task": {"name": "sst2"}}, source="r.yaml"
+        {"model": {"name_or_path": "tiny/gpt_neox"}, "task": {"name": "sst2"}}, source="r.yaml"
     )
-    with pytest.raises(UserError, match=r"^r\.yaml: lora\.target_modules: no default LoRA targets .*'phi3'"):
+    with pytest.raises(
+        UserError, match=r"^r\.yaml: lora\.target_modules: no default LoRA targets .*'gpt_neox'"
+    ):
         apply_lora(recipe, model, get_task("sst2"))
     # The same recipe with all-linear goes through: the schema's string is not read as a regex.
     recipe = recipe_from_dict(
         {
-            "model": {"name_or_path": "tiny/phi3"},
+            "model": {"name_or_path": "tiny/gpt_neox"},
             "task": {"name": "sst2"},
             "lora": {"target_modules": "all-linear"},
         },
@@ -241,10 +245,10 @@ def test_a_family_without_a_preset_says_how_to_choose_targets() -> None:
     config, adapted = apply_lora(recipe, model, get_task("sst2"))
     assert config.modules_to_save == ("score",)
     assert sorted({n.rsplit(".", 1)[-1] for n in adapted}) == [
-        "down_proj",
-        "gate_up_proj",
-        "o_proj",
-        "qkv_proj",
+        "dense",
+        "dense_4h_to_h",
+        "dense_h_to_4h",
+        "query_key_value",
     ]
 
 

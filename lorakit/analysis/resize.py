@@ -112,11 +112,11 @@ def _factors(
             tensors[path + ".lora_A.weight"] = pairs[0][1]
             tensors[path + ".lora_B.weight"] = pairs[0][2]
         else:
-            # One pair for the fused module again: A stacked, B block-structured (lorakit.lora.adapter_io).
-            d = first.b.shape[0]
-            block = first.b.new_zeros(d * first.slice_count, k * len(pairs))
+            # One pair for the fused module again: A stacked, B block-structured (lorakit.lora.adapter_io),
+            # each slice's rows where the module has them (slices may differ in size: grouped-query k, v).
+            block = first.b.new_zeros(first.module_rows, k * len(pairs))
             for i, (u, _, b_new) in enumerate(pairs):
-                block[u.slice_index * d : (u.slice_index + 1) * d, i * k : (i + 1) * k] = b_new
+                block[u.rows, i * k : (i + 1) * k] = b_new
             tensors[path + ".lora_A.weight"] = torch.cat([a for _, a, _ in pairs], 0)
             tensors[path + ".lora_B.weight"] = block
     return tensors, records

@@ -5,7 +5,9 @@ B (out × r) under PEFT's names; the update the model applies is ΔW = (alpha/r)
 as for ``nn.Linear`` — GPT-2's Conv1D stores its own weight (in, out), so its W0 is transposed here to
 match. A fused q|k|v projection adapted per slice is stored as one pair (A stacked, B block-structured,
 the layout in the file's metadata); each adapted slice is split back out as its own module, named
-``<module path>[q]``, with W0 the slice's rows of the fused weight.
+``<module path>[q]``, with W0 the slice's rows of the fused weight. The slices' row counts come from the
+metadata (Phi-3's k and v are narrower than q under grouped-query attention); a file written before they
+were recorded has equal slices.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from torch import nn
 
 from lorakit.errors import UserError
 from lorakit.lora import CONFIG_NAME, WEIGHTS_NAME, LoraConfig, is_lora_parameter, lora_scaling, read_adapter
-from lorakit.lora.adapter_io import config_from_file
+from lorakit.lora.adapter_io import config_from_file, fused_slices_of
+from lorakit.lora.config import slice_layout
 from lorakit.lora.low_rank import is_conv1d
 from lorakit.runs import RECIPE_FILE
 
@@ -35,11 +38,20 @@ class ModuleUpdate:
     path: str  # the module path in the model (PEFT's key without its prefix and suffix)
     slice: str | None  # the slice's name in a fused projection, else None
     slice_index: int  # which of the fused output slices it is (0 for a whole module)
-    slice_count: int  # how many equal slices the module's output splits into (1 for a whole module)
+    slice_count: int  # how many slices the module's output splits into (1 for a whole module)
     kind: str  # "linear" or "embedding"
     a: torch.Tensor  # (r, in)
     b: torch.Tensor  # (out, r)
     scale: float  # alpha/r (or alpha/sqrt(r) with rsLoRA), as applied
+    # Where the slice's rows start in the module's output, and how many rows the whole module has: the
+    # slices may differ in size, so neither follows from slice_index and slice_count.
+    row_start: int = 0
+    module_rows: int = 0  # 0: the update's own row count (a whole module)
+
+    @property
+    def rows(self) -> slice:
+        """The module's output rows this update writes (all of them for a whole module)."""
+        return slice(self.row_start, self.row_start + int(self.b.shape[0]))
 
     @property
     def rank(self) -> int:
@@ -93,14 +105,33 @@ def module_updates(
         if path not in fused:
             updates.append(ModuleUpdate(path, path, None, 0, 1, kind, a, b, scale))
             continue
-        slices, adapted = list(fused[path]["slices"]), list(fused[path]["adapted"])
-        if b.shape[0] % len(slices) or a.shape[0] != r * len(adapted):
+        adapted = list(fused[path]["adapted"])
+        try:
+            layout = slice_layout(fused_slices_of(fused[path]), int(b.shape[0]))
+        except ValueError as err:
+            raise ValueError(f"{where}: {path}'s shapes do not fit its fused-slice layout: {err}") from None
+        names = [n for n, _ in layout]
+        starts = [sum(d for _, d in layout[:j]) for j in range(len(layout))]
+        if a.shape[0] != r * len(adapted) or any(n not in names for n in adapted):
             raise ValueError(f"{where}: {path}'s shapes do not fit its fused-slice layout {fused[path]}")
-        d = b.shape[0] // len(slices)
         for i, name in enumerate(adapted):
-            j = slices.index(name)
-            a_i, b_i = a[i * r : (i + 1) * r], b[j * d : (j + 1) * d, i * r : (i + 1) * r]
-            updates.append(ModuleUpdate(f"{path}[{name}]", path, name, j, len(slices), kind, a_i, b_i, scale))
+            j = names.index(name)
+            rows, cols = slice(starts[j], starts[j] + layout[j][1]), slice(i * r, (i + 1) * r)
+            updates.append(
+                ModuleUpdate(
+                    f"{path}[{name}]",
+                    path,
+                    name,
+                    j,
+                    len(layout),
+                    kind,
+                    a[cols],
+                    b[rows, cols],
+                    scale,
+                    row_start=starts[j],
+                    module_rows=int(b.shape[0]),
+                )
+            )
     if not updates:
         raise ValueError(f"{where}: the adapter holds no LoRA pairs")
     return updates
@@ -169,8 +200,13 @@ def base_weights(source: AdapterSource) -> dict[str, torch.Tensor]:
         except AttributeError:
             raise ValueError(f"{source.path}: the base model has no module {update.path}") from None
         w = weight_out_in(module)
-        d = w.shape[0] // update.slice_count
-        w = w[update.slice_index * d : (update.slice_index + 1) * d]
+        if update.slice is not None:
+            if w.shape[0] != update.module_rows:
+                raise ValueError(
+                    f"{update.name}: the base's {update.path} has {w.shape[0]} output rows, the adapter's "
+                    f"{update.module_rows}: not the model the adapter was trained on"
+                )
+            w = w[update.rows]
         if tuple(w.shape) != (update.b.shape[0], update.a.shape[1]):
             raise ValueError(
                 f"{update.name}: base weight {tuple(w.shape)} (out, in), update "

@@ -7,8 +7,10 @@ heads) and biases under their plain parameter path.
 
 PEFT has no notion of LoRA on slices of a fused projection. A ``LoraFusedLinear`` with k adapted
 slices of rank r is written as the one rank k·r LoRA it is equivalent to: A stacked, B
-block-structured, alpha scaled so that alpha'/r' keeps the scaling. The slice layout goes in the
-safetensors header metadata, which PEFT ignores and lorakit reads to split the pair back.
+block-structured (slice i's rows, which differ in count under grouped-query attention, by its r
+columns), alpha scaled so that alpha'/r' keeps the scaling. The slice layout (names, row counts, the
+adapted ones) goes in the safetensors header metadata, which PEFT ignores and lorakit reads to split the
+pair back; a layout without row counts (files written before they were recorded) means equal slices.
 """
 
 from __future__ import annotations
@@ -99,12 +101,34 @@ def adapter_tensors(
                 with torch.no_grad():
                     tensors[key + ".lora_A.weight"] = module.stacked_a()
                     tensors[key + ".lora_B.weight"] = module.block_b(1.0)
-                layout = {"slices": list(module.slice_names), "adapted": list(module.adapted), "r": module.r}
-                fused[path] = layout
+                fused[path] = fused_layout(module)
             else:
                 tensors[key + ".lora_A.weight"] = module.lora_A.detach()
                 tensors[key + ".lora_B.weight"] = module.lora_B.detach()
     return {k: v.contiguous().cpu() for k, v in tensors.items()}, fused
+
+
+def fused_layout(module: LoraFusedLinear) -> dict[str, Any]:
+    """What the file's metadata records of one fused projection: its slices in order with their row
+    counts, the adapted ones, and the rank per slice. Files written before slices had sizes lack
+    ``sizes``; they mean equal slices (``fused_slices_of``)."""
+    return {
+        "slices": list(module.slice_names),
+        "sizes": list(module.slice_sizes),
+        "adapted": list(module.adapted),
+        "r": module.r,
+    }
+
+
+def fused_slices_of(layout: Mapping[str, Any]) -> tuple[str, ...] | tuple[tuple[str, int], ...]:
+    """A recorded layout as ``LoraConfig.fused_slices`` takes it: (name, size) pairs, or names alone
+    (equal slices) for a file written before slices had sizes."""
+    names, sizes = layout["slices"], layout.get("sizes")
+    if sizes is None:
+        return tuple(names)
+    if len(sizes) != len(names):
+        raise ValueError(f"fused-slice layout {dict(layout)}: {len(names)} slices, {len(sizes)} sizes")
+    return tuple((str(n), int(d)) for n, d in zip(names, sizes, strict=True))
 
 
 def _target_names(model: nn.Module, adapted: list[str]) -> list[str]:
@@ -261,7 +285,7 @@ def config_from_file(
         if path in fused:
             k = len(fused[path]["adapted"])
             rank, a_eff = rank // k, a_eff / (math.sqrt(k) if rslora else k)
-            fused_slices[path] = tuple(fused[path]["slices"])
+            fused_slices[path] = fused_slices_of(fused[path])
             targets.append(f"{path}[{','.join(fused[path]['adapted'])}]")
         else:
             targets.append(path)
@@ -307,18 +331,18 @@ def copy_lora_weights(
             ]
         elif isinstance(module, LoraFusedLinear):
             a, b = tensors[path + ".lora_A.weight"], tensors[path + ".lora_B.weight"]
-            r, d = module.r, module.slice_size
+            r = module.r
             expected = module.block_b(1.0).shape
             if tuple(b.shape) != tuple(expected) or a.shape[0] != r * len(module.adapted):
                 raise ValueError(
                     f"{path}: adapter shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit the model"
                 )
             mask = torch.zeros_like(b, dtype=torch.bool)
-            for i, name in enumerate(module.adapted):
-                j = module.slice_names.index(name)
-                module.lora_A[i].copy_(a[i * r : (i + 1) * r])
-                module.lora_B[i].copy_(b[j * d : (j + 1) * d, i * r : (i + 1) * r])
-                mask[j * d : (j + 1) * d, i * r : (i + 1) * r] = True
+            for i, (start, b_i) in enumerate(zip(module.offsets, module.lora_B, strict=True)):
+                rows, cols = slice(start, start + b_i.shape[0]), slice(i * r, (i + 1) * r)
+                module.lora_A[i].copy_(a[cols])
+                module.lora_B[i].copy_(b[rows, cols])
+                mask[rows, cols] = True
             if b[~mask].abs().max().item() if (~mask).any() else 0.0:
                 raise ValueError(f"{path}: lora_B is not block-structured, so it is not a sliced LoRA")
             used |= {path + ".lora_A.weight", path + ".lora_B.weight"}

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.lora.config import SliceSpec, slice_layout
 from lorakit.lora.layer_base import (  # noqa: F401  (DEFAULT_ADAPTER...: re-exported, the layer API)
     DEFAULT_ADAPTER,
     LORA_DTYPE,
@@ -86,20 +87,22 @@ def _linear_update(adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
 
 
 class LoraFusedLinear(LoraLayer):
-    """LoRA on some slices of a fused projection whose output is ``n`` equal parts (GPT-2 ``c_attn`` =
-    q|k|v), as loralib's ``MergedLinear(enable_lora=[True, False, True])``.
+    """LoRA on some slices of a fused projection whose output is contiguous parts (GPT-2 ``c_attn`` =
+    q|k|v in equal thirds; Phi-3's ``qkv_proj`` with grouped-query attention, a wide q and narrower k, v),
+    as loralib's ``MergedLinear(enable_lora=[True, False, True])``. ``slices``: names alone for equal
+    parts, or (name, rows) pairs (``lorakit.lora.config.slice_layout``).
 
-    Each adapted slice i has A_i (r, in) and B_i (d, r). The forward pass multiplies the input by the
-    stacked A_all = [A_i] once, then adds each B_i's product into its own slice's output columns only
-    (``lorakit.lora.low_rank``). ``block_b`` (B_all with zeros outside the adapted slices) is the same
-    update as one rank n·r pair: the form PEFT's files hold, and the one merging uses. Adapters on one
-    fused layer may adapt different slices.
+    Each adapted slice i has A_i (r, in) and B_i (d_i, r), d_i its own row count. The forward pass
+    multiplies the input by the stacked A_all = [A_i] once, then adds each B_i's product into its own
+    slice's output columns only (``lorakit.lora.low_rank``). ``block_b`` (B_all with zeros outside the
+    adapted slices' rows) is the same update as one rank n·r pair: the form PEFT's files hold, and the one
+    merging uses. Adapters on one fused layer may adapt different slices.
     """
 
     def __init__(
         self,
         base_layer: nn.Module,
-        slice_names: Sequence[str],
+        slices: SliceSpec,
         adapted: Sequence[str] | None,
         r: int = 1,
         alpha: float = 1.0,
@@ -110,11 +113,12 @@ class LoraFusedLinear(LoraLayer):
     ) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
-        fan_out = linear_shape(base_layer)[1]
-        if fan_out % len(slice_names):
-            raise ValueError(f"{fan_out} output features do not split into {len(slice_names)} equal slices")
-        self.slice_names = tuple(slice_names)
-        self.slice_size = fan_out // len(slice_names)
+        self.fan_out = linear_shape(base_layer)[1]
+        layout = slice_layout(slices, self.fan_out)
+        self.slice_names = tuple(n for n, _ in layout)
+        self.slice_sizes = tuple(size for _, size in layout)
+        # Where each slice's rows of W (columns of the output) start: the slices are contiguous, in order.
+        self.slice_offsets = tuple(sum(self.slice_sizes[:i]) for i in range(len(layout)))
         if adapted is not None:  # None: a wrapper without adapters yet (``add``)
             self.add(adapter, adapted, r, alpha, dropout, init, use_rslora)
 
@@ -135,10 +139,11 @@ class LoraFusedLinear(LoraLayer):
         if r <= 0:
             raise ValueError(f"LoRA rank r must be positive, got {r}")
         ordered = tuple(s for s in self.slice_names if s in adapted)  # kept in the fused order
-        offsets = tuple(self.slice_names.index(s) * self.slice_size for s in ordered)
+        offsets = tuple(self.slice_offsets[self.slice_names.index(s)] for s in ordered)
         fan_in = linear_shape(self.base_layer)[0]
         device = self.base_layer.weight.device
-        pairs = [new_lora_pair(r, fan_in, self.slice_size, device, init) for _ in ordered]
+        sizes = [self.slice_sizes[self.slice_names.index(s)] for s in ordered]
+        pairs = [new_lora_pair(r, fan_in, d, device, init) for d in sizes]
         a, b = [a for a, _ in pairs], [b for _, b in pairs]
         self.add_adapter(name, LoraAdapter(a, b, r, alpha, dropout, use_rslora, offsets, ordered))
 
@@ -154,13 +159,17 @@ class LoraFusedLinear(LoraLayer):
         adapter = self.adapter
         k, r = len(adapter.adapted), adapter.r
         rows = []
-        for name in self.slice_names:
+        for name, size in zip(self.slice_names, self.slice_sizes, strict=True):
             if name in adapter.adapted:
                 i = adapter.adapted.index(name)
                 rows.append(F.pad(adapter.lora_B[i] * scale, (i * r, (k - 1 - i) * r)))
             else:
-                rows.append(adapter.lora_B[0].new_zeros(self.slice_size, k * r))
+                rows.append(adapter.lora_B[0].new_zeros(size, k * r))
         return torch.cat(rows, dim=0)
+
+    def layout(self) -> list[tuple[str, int]]:
+        """(name, rows) per slice, in order: what the adapter file records, and what reads it back."""
+        return list(zip(self.slice_names, self.slice_sizes, strict=True))
 
     def delta_weight(self) -> torch.Tensor:
         delta = self.block_b(self.scaling) @ self.stacked_a()
@@ -182,7 +191,7 @@ class LoraFusedLinear(LoraLayer):
         a, bs = adapter.factors()
         ax = F.linear(lora_input(x, adapter.lora_dropout), a)
         r = adapter.r
-        out = ax.new_zeros(*ax.shape[:-1], self.slice_size * len(self.slice_names))
+        out = ax.new_zeros(*ax.shape[:-1], self.fan_out)
         for i, (offset, b) in enumerate(zip(adapter.offsets, bs, strict=True)):
             out[..., offset : offset + b.shape[0]] = (
                 F.linear(ax[..., i * r : (i + 1) * r], b) * adapter.scaling
@@ -191,7 +200,7 @@ class LoraFusedLinear(LoraLayer):
 
     def extra_repr(self) -> str:
         slices = ", ".join(f"{n}: {a.adapted}" for n, a in self.lora_adapters.items())
-        return f"slices of {self.slice_names}: [{slices}], " + super().extra_repr()
+        return f"slices of {self.layout()}: [{slices}], " + super().extra_repr()
 
 
 class LoraEmbedding(LoraLayer):

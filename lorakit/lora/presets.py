@@ -3,9 +3,12 @@
 Plain data (no transformers import), so the core stays torch-only: which modules hold W_q and W_v,
 which projections are fused, and which freshly initialised modules form a sequence-classification head.
 Every module name was checked against the installed transformers by building each family's tiny model
-(tests/test_families.py). Families that fuse q|k|v into one projection without a slice declaration here
-(Phi-3, GPT-NeoX, Falcon, BLOOM, GPT-BigCode, ModernBERT) have no preset on purpose: adapting the whole
-fused module would silently adapt W_k too, which is not the paper's choice.
+(tests/test_families.py, tests/test_fused_families.py). A family that fuses q|k|v into one projection gets
+a preset only when its q, k and v are contiguous row blocks (``FUSED_SLICES``): adapting the whole fused
+module would silently adapt W_k too, which is not the paper's choice. Where the blocks' sizes depend on the
+model's config (grouped-query attention), the core cannot know them: ``lorakit.families`` computes them from
+the Hugging Face config and hands them over in ``LoraConfig.fused_slices``. Families that interleave q, k
+and v per head (GPT-NeoX, Falcon, BLOOM) have no preset, and slice targets on them are refused.
 """
 
 from __future__ import annotations
@@ -33,11 +36,30 @@ PAPER_TARGETS: Mapping[str, Sequence[str]] = {
     "gemma3_text": ("q_proj", "v_proj"),
     "phi": ("q_proj", "v_proj"),
     "opt": ("q_proj", "v_proj"),
+    # Fused q|k|v in contiguous blocks: the q and v slices, as GPT-2's. GPT-BigCode's only with
+    # multi_query (its default, StarCoder's); lorakit.families refuses the per-head layout otherwise.
+    "phi3": ("qkv_proj[q,v]",),
+    "gpt_bigcode": ("c_attn[q,v]",),
+    "modernbert": ("Wqkv[q,v]",),
 }
 
-# Fused projections: module-name suffix -> names of its equal output slices, in order.
+# Fused projections: module-name suffix -> names of its contiguous output slices, in order. Equal
+# slices for GPT-2 (3 × n_embd) and ModernBERT (3 × hidden) whatever the config.
 FUSED_SLICES: Mapping[str, Mapping[str, Sequence[str]]] = {
     "gpt2": {"c_attn": ("q", "k", "v")},
+    "modernbert": {"Wqkv": ("q", "k", "v")},
+    "phi3": {"qkv_proj": ("q", "k", "v")},
+    "gpt_bigcode": {"c_attn": ("q", "k", "v")},
+}
+# Families whose slices differ in size by config (k and v narrower than q under grouped- or multi-query
+# attention): names alone would read as equal slices and cut the wrong rows, so the core refuses to slice
+# them until sizes are given (``lorakit.families`` derives them from the model's config).
+SIZED_BY_CONFIG = frozenset({"phi3", "gpt_bigcode"})
+# Fused projections that interleave q, k and v per head (module suffix): no row block is "the q slice".
+INTERLEAVED: Mapping[str, str] = {
+    "gpt_neox": "query_key_value",
+    "falcon": "query_key_value",
+    "bloom": "query_key_value",
 }
 
 # The sequence-classification head: trained and saved with the adapter. RoBERTa's ``classifier`` is a
@@ -66,6 +88,11 @@ SEQ_CLS_HEADS: Mapping[str, Sequence[str]] = {
     "gemma3_text": ("score",),
     "phi": ("score",),
     "opt": ("score",),
+    "phi3": ("score",),
+    "gpt_bigcode": ("score",),
+    # ModernBERT pools through ``head`` (dense, activation, norm) into ``classifier``; ``head`` is the
+    # masked-LM checkpoint's own transform, retrained here as BERT's pooler is.
+    "modernbert": ("head", "classifier"),
 }
 
 
@@ -82,7 +109,10 @@ def paper_targets(model_type: str) -> list[str]:
 
 
 def fused_slices(model_type: str) -> dict[str, tuple[str, ...]]:
-    """Fused projections of an architecture (empty when it has none)."""
+    """Fused projections of an architecture whose slices are equal whatever its config (empty when it has
+    none, or when their sizes come from the config: ``SIZED_BY_CONFIG``)."""
+    if model_type in SIZED_BY_CONFIG:
+        return {}
     return {k: tuple(v) for k, v in FUSED_SLICES.get(model_type, {}).items()}
 
 
