@@ -103,6 +103,19 @@ def randomize_lora(model: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
 
 
+def perturb_heads(model: torch.nn.Module, heads: list[str]) -> None:
+    """Move the head off its initial weights, so that the saved head (not a fresh one) must be loaded."""
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(name.startswith(h + ".") for h in heads):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
 @pytest.fixture
 def token_batch() -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)

@@ -11,7 +11,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import randomize_lora, train_glue_run
+from conftest import max_diff, perturb_heads, randomize_lora, train_glue_run
 
 from lorakit.errors import UserError
 from lorakit.lora import (
@@ -96,19 +96,6 @@ def peft_all_linear(base: torch.nn.Module, task_type: str, heads: list[str]) -> 
         r=4, target_modules="all-linear", task_type=task_type, modules_to_save=list(heads) or None
     )
     return set(peft.get_peft_model(copy.deepcopy(base), config).base_model.targeted_module_names)
-
-
-def perturb_heads(model: torch.nn.Module, heads: list[str]) -> None:
-    """Move the head off its initial weights, so that the saved head (not a fresh one) must be loaded."""
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if any(name.startswith(h + ".") for h in heads):
-                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
 
 
 @pytest.mark.parametrize(("model_type", "kind", "targets"), CASES, ids=lambda v: str(v))

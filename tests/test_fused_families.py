@@ -14,7 +14,8 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import randomize_lora, tiny_gpt2
+from conftest import max_diff, randomize_lora, tiny_gpt2
+from conftest import perturb_heads as perturb
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -74,19 +75,6 @@ def lora_config(model: torch.nn.Module, kind: str, **kwargs) -> LoraConfig:
     return LoraConfig(
         r=4, alpha=8, modules_to_save=heads, fused_slices=families.fused_slices(model.config), **kwargs
     )
-
-
-def perturb(model: torch.nn.Module, heads: list[str]) -> None:
-    """Move the head off its initial weights, so that the saved head (not a fresh one) must be loaded."""
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if any(name.startswith(h + ".") for h in heads):
-                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
 
 
 def expected_delta(layer: LoraFusedLinear, sizes: tuple[int, int, int]) -> torch.Tensor:
