@@ -50,3 +50,32 @@ bench-tune: $(STAMP)
 # OUT=DIR writes the run elsewhere; ARGS="--set KEY=VALUE ..." passes more options to `lorakit train`.
 demo: $(STAMP)
 	$(VENV)/bin/lorakit train configs/demo.yaml --output-dir $(or $(OUT),runs/demo) $(ARGS)
+
+# The default test suite on the lowest versions pyproject.toml admits, in a venv of its own ($(FLOORS_VENV),
+# made anew each time; its .gitignore keeps it out of git): $(TORCH_SPEC) first (the only torch here, so
+# the torch floor itself is not tested), then every other dependency of [project] and of the test extra
+# pinned at its floor, each `>=X` read from pyproject.toml as `==X` (so the pins cannot drift from it),
+# then lorakit with --no-deps, so that nothing is resolved again; pip check proves the set consistent, and
+# tests/test_versions.py that the run had the floors (LORAKIT_FLOORS names the pins).
+FLOORS_VENV ?= .venv-floors
+FLOOR_PINS = import re, sys; \
+  toml = __import__("tomllib" if sys.version_info >= (3, 11) else "pip._vendor.tomli", fromlist=["loads"]); \
+  p = toml.loads(open("pyproject.toml").read())["project"]; \
+  reqs = [r for r in p["dependencies"] + p["optional-dependencies"]["test"] if not re.match(r"torch\W", r)]; \
+  pins = [re.sub(r"\s*>=\s*", "==", r) for r in reqs]; \
+  assert all("==" in r for r in pins), pins; \
+  print(*pins, sep="\n")
+
+.PHONY: test-floors
+test-floors:
+	rm -rf $(FLOORS_VENV)
+	$(PY_BOOT) -m venv $(FLOORS_VENV)
+	echo '*' > $(FLOORS_VENV)/.gitignore
+	$(FLOORS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FLOORS_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(FLOORS_VENV)/bin/python -c '$(FLOOR_PINS)' > $(FLOORS_VENV)/floors.txt
+	cat $(FLOORS_VENV)/floors.txt
+	$(FLOORS_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" -r $(FLOORS_VENV)/floors.txt
+	$(FLOORS_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(FLOORS_VENV)/bin/python -m pip check
+	LORAKIT_FLOORS=$(FLOORS_VENV)/floors.txt $(FLOORS_VENV)/bin/python -m pytest -q
