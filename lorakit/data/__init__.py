@@ -16,6 +16,7 @@ from lorakit.data.batching import (
     padding_bounded_chunks,
     padding_waste,
 )
+from lorakit.data.completions import tokenize_chat, tokenize_chat_prompts, tokenize_completions
 from lorakit.data.tokenize import (
     IGNORE_INDEX,
     MODEL_COLUMNS,
@@ -23,10 +24,7 @@ from lorakit.data.tokenize import (
     model_columns,
     subsample,
     tokenize_causal_lm,
-    tokenize_chat,
-    tokenize_chat_prompts,
     tokenize_classification,
-    tokenize_completions,
     tokenize_prompts,
 )
 

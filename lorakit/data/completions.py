@@ -4,16 +4,18 @@ Both encoders take batches as ``datasets.Dataset.map(..., batched=True, with_ind
 over, and return unpadded ``input_ids``, ``attention_mask``, ``labels`` (``IGNORE_INDEX`` where no loss is
 taken), ``length`` and ``truncated`` per row. A row over ``max_length`` keeps its start. A row the model
 would learn nothing from (no label token left) is refused with a ``RowError`` naming the row, never kept as
-a silent zero-loss row.
+a silent zero-loss row. ``tokenize_completions``, ``tokenize_chat`` and ``tokenize_chat_prompts`` map them
+over a dataset through ``lorakit.data.tokenize``'s cached map.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from lorakit.data.tokenize import IGNORE_INDEX
+from lorakit.data.tokenize import IGNORE_INDEX, map_encoding, tokenize_prompts
 
-if TYPE_CHECKING:  # transformers is slow to import; only its types are needed here
+if TYPE_CHECKING:  # datasets and transformers are slow to import; only their types are needed here
+    import datasets
     from transformers import PreTrainedTokenizerBase
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -25,6 +27,9 @@ __all__ = [
     "chat_prompt_and_reference",
     "encode_chat",
     "encode_prompt_completion",
+    "tokenize_chat",
+    "tokenize_chat_prompts",
+    "tokenize_completions",
 ]
 
 
@@ -229,3 +234,57 @@ def _append(out: dict[str, list[Any]], ids: list[int], labels: list[int], max_le
     out["attention_mask"].append([1] * min(len(ids), max_length))
     out["length"].append(min(len(ids), max_length))
     out["truncated"].append(len(ids) > max_length)
+
+
+def tokenize_completions(
+    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, cache: bool = False
+) -> datasets.Dataset:
+    """Encode the user's ``prompt`` + ``target`` (the completion) + eos, the loss on completion and eos,
+    kept from the start over ``max_length`` (the encoders above). Rows carry ``truncated``; a
+    row with nothing left to learn raises ``RowError`` with its ``row``."""
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        return encode_prompt_completion(batch["prompt"], batch["target"], batch["row"], tokenizer, max_length)
+
+    return map_encoding(dataset, encode, tokenizer, "completions", max_length, cache)
+
+
+def tokenize_chat(
+    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, cache: bool = False
+) -> datasets.Dataset:
+    """Encode ``messages`` by the tokenizer's chat template, the loss on assistant turns only
+    (the encoders above). Rows carry ``truncated``; a bad row raises ``RowError`` with its
+    ``row``."""
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        return encode_chat(batch["messages"], batch["row"], tokenizer, max_length)
+
+    return map_encoding(dataset, encode, tokenizer, _chat_encoding("chat", tokenizer), max_length, cache)
+
+
+def tokenize_chat_prompts(
+    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, cache: bool = False
+) -> datasets.Dataset:
+    """Encode each conversation up to its last assistant turn, rendered with the generation prompt: what
+    the model continues when evaluation generates that turn. Cut from the left as ``tokenize_prompts``."""
+
+    def render(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        prompts = [
+            chat_prompt_and_reference(messages, row, tokenizer)[0]
+            for messages, row in zip(batch["messages"], batch["row"], strict=True)
+        ]
+        return {"prompt": prompts}
+
+    rendered = dataset.map(
+        render, batched=True, remove_columns=dataset.column_names, load_from_cache_file=False
+    )
+    return tokenize_prompts(rendered, tokenizer, max_length, cache)
+
+
+def _chat_encoding(name: str, tokenizer: PreTrainedTokenizerBase) -> str:
+    """The encoding's name for the cache key, with the chat template's digest: the template decides the
+    ids, and one set in code after loading is not among what ``tokenizer_digest`` hashes."""
+    import hashlib
+
+    template = str(getattr(tokenizer, "chat_template", None))
+    return f"{name}:{hashlib.sha256(template.encode('utf-8')).hexdigest()[:16]}"

@@ -19,14 +19,11 @@ from lorakit.data.batching import (
     build_train_dataloader,
     longest_first,
 )
-from lorakit.data.completions import RowError
+from lorakit.data.completions import RowError, tokenize_chat, tokenize_chat_prompts, tokenize_completions
 from lorakit.data.tokenize import (
     subsample,
     tokenize_causal_lm,
-    tokenize_chat,
-    tokenize_chat_prompts,
     tokenize_classification,
-    tokenize_completions,
     tokenize_prompts,
 )
 from lorakit.errors import UserError

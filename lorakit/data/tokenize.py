@@ -75,7 +75,7 @@ def tokenize_classification(
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         return encode_classification(batch, tokenizer, max_length)
 
-    return _map(dataset, encode, tokenizer, "classification", max_length, cache)
+    return map_encoding(dataset, encode, tokenizer, "classification", max_length, cache)
 
 
 def tokenize_causal_lm(
@@ -110,7 +110,7 @@ def tokenize_causal_lm(
             out["length"].append(len(prompt) + len(answer))
         return out
 
-    return _map(dataset, encode, tokenizer, "causal_lm", max_length, cache)
+    return map_encoding(dataset, encode, tokenizer, "causal_lm", max_length, cache)
 
 
 def tokenize_prompts(
@@ -131,67 +131,10 @@ def tokenize_prompts(
             "length": [len(ids) for ids in prompts],
         }
 
-    return _map(dataset, encode, tokenizer, "prompts", max_length, cache)
+    return map_encoding(dataset, encode, tokenizer, "prompts", max_length, cache)
 
 
-def tokenize_completions(
-    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, cache: bool = False
-) -> datasets.Dataset:
-    """Encode the user's ``prompt`` + ``target`` (the completion) + eos, the loss on completion and eos,
-    kept from the start over ``max_length`` (``lorakit.data.completions``). Rows carry ``truncated``; a
-    row with nothing left to learn raises ``RowError`` with its ``row``."""
-    from lorakit.data.completions import encode_prompt_completion
-
-    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        return encode_prompt_completion(batch["prompt"], batch["target"], batch["row"], tokenizer, max_length)
-
-    return _map(dataset, encode, tokenizer, "completions", max_length, cache)
-
-
-def tokenize_chat(
-    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, cache: bool = False
-) -> datasets.Dataset:
-    """Encode ``messages`` by the tokenizer's chat template, the loss on assistant turns only
-    (``lorakit.data.completions``). Rows carry ``truncated``; a bad row raises ``RowError`` with its
-    ``row``."""
-    from lorakit.data.completions import encode_chat
-
-    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        return encode_chat(batch["messages"], batch["row"], tokenizer, max_length)
-
-    return _map(dataset, encode, tokenizer, _chat_encoding("chat", tokenizer), max_length, cache)
-
-
-def tokenize_chat_prompts(
-    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, cache: bool = False
-) -> datasets.Dataset:
-    """Encode each conversation up to its last assistant turn, rendered with the generation prompt: what
-    the model continues when evaluation generates that turn. Cut from the left as ``tokenize_prompts``."""
-    from lorakit.data.completions import chat_prompt_and_reference
-
-    def render(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        prompts = [
-            chat_prompt_and_reference(messages, row, tokenizer)[0]
-            for messages, row in zip(batch["messages"], batch["row"], strict=True)
-        ]
-        return {"prompt": prompts}
-
-    rendered = dataset.map(
-        render, batched=True, remove_columns=dataset.column_names, load_from_cache_file=False
-    )
-    return tokenize_prompts(rendered, tokenizer, max_length, cache)
-
-
-def _chat_encoding(name: str, tokenizer: PreTrainedTokenizerBase) -> str:
-    """The encoding's name for the cache key, with the chat template's digest: the template decides the
-    ids, and one set in code after loading is not among what ``tokenizer_digest`` hashes."""
-    import hashlib
-
-    template = str(getattr(tokenizer, "chat_template", None))
-    return f"{name}:{hashlib.sha256(template.encode('utf-8')).hexdigest()[:16]}"
-
-
-def _map(
+def map_encoding(
     dataset: datasets.Dataset,
     encode: Any,
     tokenizer: PreTrainedTokenizerBase,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from abc import abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -91,13 +92,13 @@ class OwnLabeledTask(OwnDataTask):
             ),
         )
 
+    @abstractmethod
     def parse_label(self, value: Any, place: str, split: str) -> Any:
         """The label of one row in the model's form; UserError at ``place`` for a label that is not one."""
-        raise NotImplementedError
 
+    @abstractmethod
     def label_feature(self) -> Any:
         """The ``datasets`` feature of the ``label`` column."""
-        raise NotImplementedError
 
     def _known_labels(self) -> list[str]:
         """``task.labels``, or the sorted distinct labels of the whole train source (held-out rows too)."""
