@@ -23,10 +23,14 @@ def _factors(fan_in: int, blocks: list[int], r: int, dtype=torch.float64):
 @pytest.mark.parametrize("conv1d", [False, True])
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_hand_written_gradient_matches_numerical(conv1d: bool, shared: bool, with_bias: bool) -> None:
+@pytest.mark.parametrize("groups", [1, 2])
+def test_hand_written_gradient_matches_numerical(
+    conv1d: bool, shared: bool, with_bias: bool, groups: int
+) -> None:
+    """q|k|v slices (q and v adapted), contiguous or repeated per head in two groups (GPT-NeoX's layout)."""
     gen = torch.Generator().manual_seed(1)
     n, fan_in, d = 5, 4, 3
-    out_features = 3 * d
+    out_features = 3 * d * groups
     weight = torch.randn((fan_in, out_features) if conv1d else (out_features, fan_in), generator=gen)
     weight = weight.double()  # frozen, as a LoRA base is
     bias = torch.randn(out_features, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -34,8 +38,8 @@ def test_hand_written_gradient_matches_numerical(conv1d: bool, shared: bool, wit
     lora_x = (
         None if shared else torch.randn(n, fan_in, generator=gen, dtype=torch.float64, requires_grad=True)
     )
-    a, (bq, bv) = _factors(fan_in, [d, d], r=2)
-    inputs = (x, lora_x, weight, bias if with_bias else None, a, 1.5, (0, 2 * d), conv1d, bq, bv)
+    a, (bq, bv) = _factors(fan_in, [d * groups, d * groups], r=2)
+    inputs = (x, lora_x, weight, bias if with_bias else None, a, 1.5, (0, 2 * d), conv1d, groups, bq, bv)
     assert gradcheck(LoraLinearFunction.apply, inputs, eps=1e-6, atol=1e-6)
 
 

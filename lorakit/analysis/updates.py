@@ -43,15 +43,22 @@ class ModuleUpdate:
     a: torch.Tensor  # (r, in)
     b: torch.Tensor  # (out, r)
     scale: float  # alpha/r (or alpha/sqrt(r) with rsLoRA), as applied
-    # Where the slice's rows start in the module's output, and how many rows the whole module has: the
-    # slices may differ in size, so neither follows from slice_index and slice_count.
+    # Where the slice's rows start in the module's output (within each group of a per-head layout), how
+    # many rows the whole module has, and in how many equal groups: the slices may differ in size, so none
+    # of this follows from slice_index and slice_count.
     row_start: int = 0
     module_rows: int = 0  # 0: the update's own row count (a whole module)
+    groups: int = 1
 
     @property
-    def rows(self) -> slice:
-        """The module's output rows this update writes (all of them for a whole module)."""
-        return slice(self.row_start, self.row_start + int(self.b.shape[0]))
+    def rows(self) -> slice | list[int]:
+        """The module's output rows this update writes, in its B factor's order (all of them for a whole
+        module; row indices, group by group, for a slice of a per-head layout)."""
+        size = int(self.b.shape[0]) // self.groups
+        if self.groups == 1:
+            return slice(self.row_start, self.row_start + size)
+        width = self.module_rows // self.groups
+        return [g * width + self.row_start + j for g in range(self.groups) for j in range(size)]
 
     @property
     def rank(self) -> int:
@@ -110,26 +117,25 @@ def module_updates(
             layout = slice_layout(fused_slices_of(fused[path]), int(b.shape[0]))
         except ValueError as err:
             raise ValueError(f"{where}: {path}'s shapes do not fit its fused-slice layout: {err}") from None
-        names = [n for n, _ in layout]
-        starts = [sum(d for _, d in layout[:j]) for j in range(len(layout))]
+        names = layout.names
         if a.shape[0] != r * len(adapted) or any(n not in names for n in adapted):
             raise ValueError(f"{where}: {path}'s shapes do not fit its fused-slice layout {fused[path]}")
         for i, name in enumerate(adapted):
-            j = names.index(name)
-            rows, cols = slice(starts[j], starts[j] + layout[j][1]), slice(i * r, (i + 1) * r)
+            cols = slice(i * r, (i + 1) * r)
             updates.append(
                 ModuleUpdate(
                     f"{path}[{name}]",
                     path,
                     name,
-                    j,
-                    len(layout),
+                    names.index(name),
+                    len(names),
                     kind,
                     a[cols],
-                    b[rows, cols],
+                    b[layout.rows(name), cols],
                     scale,
-                    row_start=starts[j],
+                    row_start=layout.offset(name),
                     module_rows=int(b.shape[0]),
+                    groups=layout.groups,
                 )
             )
     if not updates:

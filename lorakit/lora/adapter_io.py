@@ -7,10 +7,11 @@ heads) and biases under their plain parameter path.
 
 PEFT has no notion of LoRA on slices of a fused projection. A ``LoraFusedLinear`` with k adapted
 slices of rank r is written as the one rank k·r LoRA it is equivalent to: A stacked, B
-block-structured (slice i's rows, which differ in count under grouped-query attention, by its r
-columns), alpha scaled so that alpha'/r' keeps the scaling. The slice layout (names, row counts, the
-adapted ones) goes in the safetensors header metadata, which PEFT ignores and lorakit reads to split the
-pair back; a layout without row counts (files written before they were recorded) means equal slices.
+block-structured (slice i's rows, which differ in count under grouped-query attention and repeat per
+head in a per-head layout, by its r columns), alpha scaled so that alpha'/r' keeps the scaling. The slice
+layout (names, row counts per group, the number of groups when more than one, the adapted ones) goes in
+the safetensors header metadata, which PEFT ignores and lorakit reads to split the pair back; a layout
+without row counts (files written before they were recorded) means equal contiguous slices.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.lora.config import FusedLayout, SliceSpec
 from lorakit.lora.files import (
     atomic_write,
     read_json_object,
@@ -112,23 +114,20 @@ def fused_layout(module: LoraFusedLinear) -> dict[str, Any]:
     """What the file's metadata records of one fused projection: its slices in order with their row
     counts, the adapted ones, and the rank per slice. Files written before slices had sizes lack
     ``sizes``; they mean equal slices (``fused_slices_of``)."""
-    return {
-        "slices": list(module.slice_names),
-        "sizes": list(module.slice_sizes),
-        "adapted": list(module.adapted),
-        "r": module.r,
-    }
+    return {**module.fused_layout.as_record(), "adapted": list(module.adapted), "r": module.r}
 
 
-def fused_slices_of(layout: Mapping[str, Any]) -> tuple[str, ...] | tuple[tuple[str, int], ...]:
-    """A recorded layout as ``LoraConfig.fused_slices`` takes it: (name, size) pairs, or names alone
-    (equal slices) for a file written before slices had sizes."""
-    names, sizes = layout["slices"], layout.get("sizes")
+def fused_slices_of(layout: Mapping[str, Any]) -> SliceSpec:
+    """A recorded layout as ``LoraConfig.fused_slices`` takes it: a ``FusedLayout`` for a per-head layout
+    (``groups``), (name, size) pairs, or names alone (equal slices) for a file written before slices had
+    sizes."""
+    names, sizes, groups = layout["slices"], layout.get("sizes"), int(layout.get("groups", 1))
     if sizes is None:
         return tuple(names)
     if len(sizes) != len(names):
         raise ValueError(f"fused-slice layout {dict(layout)}: {len(names)} slices, {len(sizes)} sizes")
-    return tuple((str(n), int(d)) for n, d in zip(names, sizes, strict=True))
+    pairs = tuple((str(n), int(d)) for n, d in zip(names, sizes, strict=True))
+    return FusedLayout(pairs, groups) if groups != 1 else pairs
 
 
 def _target_names(model: nn.Module, adapted: list[str]) -> list[str]:
@@ -338,8 +337,8 @@ def copy_lora_weights(
                     f"{path}: adapter shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit the model"
                 )
             mask = torch.zeros_like(b, dtype=torch.bool)
-            for i, (start, b_i) in enumerate(zip(module.offsets, module.lora_B, strict=True)):
-                rows, cols = slice(start, start + b_i.shape[0]), slice(i * r, (i + 1) * r)
+            for i, name in enumerate(module.adapted):
+                rows, cols = module.fused_layout.rows(name), slice(i * r, (i + 1) * r)
                 module.lora_A[i].copy_(a[cols])
                 module.lora_B[i].copy_(b[rows, cols])
                 mask[rows, cols] = True

@@ -12,10 +12,59 @@ BIAS_CHOICES = ("none", "all", "lora_only")
 # Checked before a string target is read as a regular expression: as a regex it would match nothing.
 ALL_LINEAR = "all-linear"
 
-# The output slices of a fused projection, in order: names alone (equal slices, GPT-2's ("q", "k", "v")
-# and every layout written before slices had sizes), or (name, size) pairs (Phi-3's grouped-query q|k|v).
-SliceSpec: TypeAlias = Sequence[str] | Sequence[tuple[str, int]]
 SliceLayout: TypeAlias = tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class FusedLayout:
+    """The output rows of a fused projection: ``groups`` repeats of ``slices`` ((name, rows) pairs, in
+    order). One group is the contiguous layout (GPT-2's q|k|v; Phi-3's wide q then narrow k, v); several
+    are a per-head layout: GPT-NeoX and BLOOM lay ``query_key_value`` out as num_heads groups of
+    q|k|v (head_dim rows each), Falcon's newer models as num_kv_heads groups of (the group's q heads)|k|v.
+    A slice's rows are then every group's share of it, and its B factor holds them group by group."""
+
+    slices: SliceLayout
+    groups: int = 1
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.slices)
+
+    @property
+    def width(self) -> int:
+        """Rows of one group."""
+        return sum(size for _, size in self.slices)
+
+    def offset(self, name: str) -> int:
+        """Where slice ``name`` starts within each group."""
+        i = self.names.index(name)
+        return sum(size for _, size in self.slices[:i])
+
+    def rows_of(self, name: str) -> int:
+        """All of slice ``name``'s rows: its share of every group."""
+        return self.groups * dict(self.slices)[name]
+
+    def rows(self, name: str) -> slice | list[int]:
+        """The projection's output rows of slice ``name``, in the order its B factor holds them: a slice
+        for one group, row indices (group by group) for several."""
+        start, size = self.offset(name), dict(self.slices)[name]
+        if self.groups == 1:
+            return slice(start, start + size)
+        return [g * self.width + start + j for g in range(self.groups) for j in range(size)]
+
+    def as_record(self) -> dict[str, object]:
+        """What an adapter file's metadata records of the layout (``groups`` only when more than one,
+        so that files of one-group layouts read as they always have)."""
+        record: dict[str, object] = {"slices": list(self.names), "sizes": [size for _, size in self.slices]}
+        if self.groups > 1:
+            record["groups"] = self.groups
+        return record
+
+
+# The output slices of a fused projection: names alone (equal contiguous slices, GPT-2's ("q", "k", "v")
+# and every layout written before slices had sizes), (name, size) pairs (Phi-3's grouped-query q|k|v),
+# or a FusedLayout (per-head layouts).
+SliceSpec: TypeAlias = Sequence[str] | Sequence[tuple[str, int]] | FusedLayout
 
 
 @dataclass
@@ -52,13 +101,21 @@ def is_all_linear(target_modules: Sequence[str] | str | None) -> bool:
 
 def slice_names(spec: SliceSpec) -> tuple[str, ...]:
     """The slice names of a fused projection's layout, in order, whichever form it is given in."""
+    if isinstance(spec, FusedLayout):
+        return spec.names
     return tuple(s if isinstance(s, str) else s[0] for s in spec)
 
 
-def slice_layout(spec: SliceSpec, fan_out: int) -> SliceLayout:
-    """(name, rows) per slice of a projection with ``fan_out`` output features. Names alone mean equal
+def slice_layout(spec: SliceSpec, fan_out: int) -> FusedLayout:
+    """The layout of a projection with ``fan_out`` output features. Names alone mean equal contiguous
     slices (the only layout before slices had sizes, so old adapter files keep their meaning); sizes must
     cover the output exactly, so a layout read from the wrong model fails here, not as misplaced rows."""
+    groups = 1
+    if isinstance(spec, FusedLayout):
+        groups, spec = spec.groups, spec.slices
+        if groups <= 0 or fan_out % groups:
+            raise ValueError(f"{fan_out} output features do not split into {groups} equal groups")
+        fan_out //= groups
     named = [isinstance(s, str) for s in spec]
     if any(named) and not all(named):
         raise ValueError(f"fused slices {list(spec)}: give names alone (equal slices) or (name, size) pairs")
@@ -66,12 +123,13 @@ def slice_layout(spec: SliceSpec, fan_out: int) -> SliceLayout:
         names = tuple(spec)  # type: ignore[arg-type]
         if not names or fan_out % len(names):
             raise ValueError(f"{fan_out} output features do not split into {len(names)} equal slices")
-        return tuple((n, fan_out // len(names)) for n in names)
+        return FusedLayout(tuple((n, fan_out // len(names)) for n in names))
     layout = tuple((str(n), int(size)) for n, size in spec)  # type: ignore[misc]
     names = [n for n, _ in layout]
     if len(set(names)) != len(names) or any(size <= 0 for _, size in layout):
         raise ValueError(f"fused slices {list(layout)} need distinct names and positive sizes")
     covered = sum(size for _, size in layout)
     if covered != fan_out:
-        raise ValueError(f"fused slices {dict(layout)} cover {covered} rows; the projection has {fan_out}")
-    return layout
+        has = f"each of its {groups} groups has" if groups > 1 else "the projection has"
+        raise ValueError(f"fused slices {dict(layout)} cover {covered} rows; {has} {fan_out}")
+    return FusedLayout(layout, groups)

@@ -35,7 +35,7 @@ from lorakit.lora.layer_base import (  # noqa: F401  (DEFAULT_ADAPTER...: re-exp
     lora_scaling,
     new_lora_pair,
 )
-from lorakit.lora.low_rank import is_conv1d, lora_linear
+from lorakit.lora.low_rank import is_conv1d, lora_linear, sliced_update
 
 
 class LoraLinear(LoraLayer):
@@ -90,7 +90,9 @@ class LoraFusedLinear(LoraLayer):
     """LoRA on some slices of a fused projection whose output is contiguous parts (GPT-2 ``c_attn`` =
     q|k|v in equal thirds; Phi-3's ``qkv_proj`` with grouped-query attention, a wide q and narrower k, v),
     as loralib's ``MergedLinear(enable_lora=[True, False, True])``. ``slices``: names alone for equal
-    parts, or (name, rows) pairs (``lorakit.lora.config.slice_layout``).
+    parts, (name, rows) pairs, or a ``FusedLayout`` whose groups repeat the parts per head (GPT-NeoX's
+    ``query_key_value`` = q|k|v per head): a slice is then every group's share of it
+    (``lorakit.lora.config.slice_layout``).
 
     Each adapted slice i has A_i (r, in) and B_i (d_i, r), d_i its own row count. The forward pass
     multiplies the input by the stacked A_all = [A_i] once, then adds each B_i's product into its own
@@ -114,11 +116,12 @@ class LoraFusedLinear(LoraLayer):
         super().__init__(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
         self.fan_out = linear_shape(base_layer)[1]
-        layout = slice_layout(slices, self.fan_out)
-        self.slice_names = tuple(n for n, _ in layout)
-        self.slice_sizes = tuple(size for _, size in layout)
-        # Where each slice's rows of W (columns of the output) start: the slices are contiguous, in order.
-        self.slice_offsets = tuple(sum(self.slice_sizes[:i]) for i in range(len(layout)))
+        self.fused_layout = slice_layout(slices, self.fan_out)
+        self.slice_names = self.fused_layout.names
+        self.slice_sizes = tuple(size for _, size in self.fused_layout.slices)  # per group
+        self.groups = self.fused_layout.groups
+        # Where each slice's rows of W (columns of the output) start within a group, in order.
+        self.slice_offsets = tuple(self.fused_layout.offset(n) for n in self.slice_names)
         if adapted is not None:  # None: a wrapper without adapters yet (``add``)
             self.add(adapter, adapted, r, alpha, dropout, init, use_rslora)
 
@@ -142,7 +145,7 @@ class LoraFusedLinear(LoraLayer):
         offsets = tuple(self.slice_offsets[self.slice_names.index(s)] for s in ordered)
         fan_in = linear_shape(self.base_layer)[0]
         device = self.base_layer.weight.device
-        sizes = [self.slice_sizes[self.slice_names.index(s)] for s in ordered]
+        sizes = [self.fused_layout.rows_of(s) for s in ordered]
         pairs = [new_lora_pair(r, fan_in, d, device, init) for d in sizes]
         a, b = [a for a, _ in pairs], [b for _, b in pairs]
         self.add_adapter(name, LoraAdapter(a, b, r, alpha, dropout, use_rslora, offsets, ordered))
@@ -157,19 +160,20 @@ class LoraFusedLinear(LoraLayer):
     def block_b(self, scale: float = 1.0) -> torch.Tensor:
         """B_all of the active adapter: (out, n_adapted·r), B_i·scale in slice i's rows and columns."""
         adapter = self.adapter
-        k, r = len(adapter.adapted), adapter.r
-        rows = []
+        k, r, groups = len(adapter.adapted), adapter.r, self.groups
+        rows = []  # one group's worth of rows per slice, (groups, size, k·r), in layout order
         for name, size in zip(self.slice_names, self.slice_sizes, strict=True):
             if name in adapter.adapted:
                 i = adapter.adapted.index(name)
-                rows.append(F.pad(adapter.lora_B[i] * scale, (i * r, (k - 1 - i) * r)))
+                b = F.pad(adapter.lora_B[i] * scale, (i * r, (k - 1 - i) * r))
+                rows.append(b.unflatten(0, (groups, size)))
             else:
-                rows.append(adapter.lora_B[0].new_zeros(size, k * r))
-        return torch.cat(rows, dim=0)
+                rows.append(adapter.lora_B[0].new_zeros(groups, size, k * r))
+        return torch.cat(rows, dim=1).flatten(0, 1)
 
     def layout(self) -> list[tuple[str, int]]:
-        """(name, rows) per slice, in order: what the adapter file records, and what reads it back."""
-        return list(zip(self.slice_names, self.slice_sizes, strict=True))
+        """(name, rows per group) per slice, in order."""
+        return list(self.fused_layout.slices)
 
     def delta_weight(self) -> torch.Tensor:
         delta = self.block_b(self.scaling) @ self.stacked_a()
@@ -184,23 +188,18 @@ class LoraFusedLinear(LoraLayer):
         lora_x = lora_input(x, adapter.lora_dropout)
         a, bs = adapter.factors()
         # Only the adapted slices' columns are touched: no products with the zero blocks of block_b.
-        return lora_linear(self.base_layer, x, lora_x, a, bs, adapter.offsets, adapter.scaling)
+        return lora_linear(self.base_layer, x, lora_x, a, bs, adapter.offsets, adapter.scaling, self.groups)
 
     def _fused_update(self, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
         """``s·B_i A_i dropout(x)`` in each adapted slice's columns, zeros elsewhere, for rows ``x``."""
         a, bs = adapter.factors()
         ax = F.linear(lora_input(x, adapter.lora_dropout), a)
-        r = adapter.r
-        out = ax.new_zeros(*ax.shape[:-1], self.fan_out)
-        for i, (offset, b) in enumerate(zip(adapter.offsets, bs, strict=True)):
-            out[..., offset : offset + b.shape[0]] = (
-                F.linear(ax[..., i * r : (i + 1) * r], b) * adapter.scaling
-            )
-        return out
+        return sliced_update(ax, bs, adapter.offsets, adapter.scaling, self.fan_out, self.groups)
 
     def extra_repr(self) -> str:
         slices = ", ".join(f"{n}: {a.adapted}" for n, a in self.lora_adapters.items())
-        return f"slices of {self.layout()}: [{slices}], " + super().extra_repr()
+        groups = f" × {self.groups} groups" if self.groups > 1 else ""
+        return f"slices of {self.layout()}{groups}: [{slices}], " + super().extra_repr()
 
 
 class LoraEmbedding(LoraLayer):

@@ -56,6 +56,7 @@ def _lora_forward(
     offsets: Sequence[int],
     conv1d: bool,
     bs: Sequence[torch.Tensor],
+    groups: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``LoraLinearFunction``'s forward sum (2-D ``x``), with the LoRA input and ``A x`` it read."""
     w = weight if conv1d else weight.t()
@@ -64,8 +65,36 @@ def _lora_forward(
     ax = torch.mm(lx, a.t())
     r = a.shape[0] // len(bs)
     for i, (offset, b) in enumerate(zip(offsets, bs, strict=True)):
-        out[:, offset : offset + b.shape[0]].addmm_(ax[:, i * r : (i + 1) * r], b.t(), alpha=scale)
+        add_product(out, offset, groups, ax[:, i * r : (i + 1) * r], b.t(), scale)
     return out, lx, ax
+
+
+def slice_columns(t: torch.Tensor, offset: int, size: int, groups: int = 1) -> torch.Tensor:
+    """A view of the columns of ``t`` (its last dimension) that one slice of a fused projection's output
+    occupies: ``size`` columns from ``offset`` for one group; for ``groups`` equal groups (a per-head
+    layout), ``size`` columns from ``offset`` within each, as a (..., groups, size) view."""
+    if groups == 1:
+        return t[..., offset : offset + size]
+    return t.unflatten(-1, (groups, -1))[..., offset : offset + size]
+
+
+def add_product(
+    out: torch.Tensor, offset: int, groups: int, left: torch.Tensor, right: torch.Tensor, alpha: float
+) -> None:
+    """``out``'s slice columns (``slice_columns``) += alpha · left @ right, in place; ``right``'s columns
+    are the slice's, group by group. One group: a GEMM with beta = 1, no temporary."""
+    size = right.shape[1] // groups
+    target = slice_columns(out, offset, size, groups)
+    if groups == 1:
+        target.addmm_(left, right, alpha=alpha)
+    else:
+        target.add_(torch.mm(left, right).unflatten(-1, (groups, size)), alpha=alpha)
+
+
+def slice_grad(grad: torch.Tensor, offset: int, size: int, groups: int) -> torch.Tensor:
+    """``grad``'s columns of one slice as a 2-D (rows, groups·size) matrix, in its B factor's order."""
+    cols = slice_columns(grad, offset, size, groups)
+    return cols if groups == 1 else cols.reshape(grad.shape[0], groups * size)
 
 
 def folding_is_cheaper(tokens: int, fan_in: int, fan_out: int, adapted_out: int) -> bool:
@@ -92,6 +121,7 @@ def _folded_forward(
     offsets: Sequence[int],
     conv1d: bool,
     bs: Sequence[torch.Tensor],
+    groups: int = 1,
 ) -> torch.Tensor:
     """``x (W0 + s·B_i A_i in its columns)ᵀ + b`` with the folded weight made for this call only: the
     module's own W0 is never written, so the adapter stays separate (switching or unloading it is free)."""
@@ -101,12 +131,10 @@ def _folded_forward(
         folded = torch.addmm(weight, bs[0], a, alpha=scale)
     else:
         folded = weight.clone()
+        # (in, out) view either way: the block's columns get s·A_iᵀ B_iᵀ.
+        columns = folded if conv1d else folded.t()
         for i, (offset, b) in enumerate(zip(offsets, bs, strict=True)):
-            a_i = a[i * r : (i + 1) * r]
-            if conv1d:  # (in, out): the block's columns get s·A_iᵀ B_iᵀ
-                folded[:, offset : offset + b.shape[0]].addmm_(a_i.t(), b.t(), alpha=scale)
-            else:
-                folded[offset : offset + b.shape[0]].addmm_(b, a_i, alpha=scale)
+            add_product(columns, offset, groups, a[i * r : (i + 1) * r].t(), b.t(), scale)
     w = folded if conv1d else folded.t()
     return torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)
 
@@ -134,26 +162,28 @@ class LoraLinearFunction(torch.autograd.Function):
         scale: float,
         offsets: Sequence[int],
         conv1d: bool,
+        groups: int,
         *bs: torch.Tensor,
     ) -> torch.Tensor:
-        out, lx, ax = _lora_forward(x, lora_x, weight, bias, a, scale, offsets, conv1d, bs)
+        out, lx, ax = _lora_forward(x, lora_x, weight, bias, a, scale, offsets, conv1d, bs, groups)
         ctx.save_for_backward(lx, ax, weight, a, *bs)
-        ctx.meta = (scale, tuple(offsets), conv1d, a.shape[0] // len(bs), lora_x is None, bias is not None)
+        r = a.shape[0] // len(bs)
+        ctx.meta = (scale, tuple(offsets), conv1d, groups, r, lora_x is None, bias is not None)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: torch.Tensor):  # type: ignore[override]
         lx, ax, weight, a, *bs = ctx.saved_tensors
-        scale, offsets, conv1d, r, shared, has_bias = ctx.meta
+        scale, offsets, conv1d, groups, r, shared, has_bias = ctx.meta
         need = ctx.needs_input_grad
         need_x, need_lora_x, need_a = need[0], need[1], need[4]
         grads_b: list[torch.Tensor | None] = []
         parts = []
         for i, (offset, b) in enumerate(zip(offsets, bs, strict=True)):
-            g = grad[:, offset : offset + b.shape[0]]
+            g = slice_grad(grad, offset, b.shape[0] // groups, groups)
             parts.append(torch.mm(g, b))
-            grads_b.append(torch.mm(g.t(), ax[:, i * r : (i + 1) * r]).mul_(scale) if need[8 + i] else None)
+            grads_b.append(torch.mm(g.t(), ax[:, i * r : (i + 1) * r]).mul_(scale) if need[9 + i] else None)
         grad_ax = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).mul_(scale)
         grad_a = torch.mm(grad_ax.t(), lx) if need_a else None
         grad_x = grad_lora_x = None
@@ -164,7 +194,7 @@ class LoraLinearFunction(torch.autograd.Function):
         if need_lora_x:  # only when lora_x was given: with ``shared`` it is None
             grad_lora_x = torch.mm(grad_ax, a)
         grad_bias = grad.sum(0) if has_bias and need[3] else None
-        return (grad_x, grad_lora_x, None, grad_bias, grad_a, None, None, None, *grads_b)
+        return (grad_x, grad_lora_x, None, grad_bias, grad_a, None, None, None, None, *grads_b)
 
 
 def _out_features(module: nn.Module) -> int:
@@ -179,22 +209,38 @@ def _update_by_autograd(
     bs: Sequence[torch.Tensor],
     offsets: Sequence[int],
     scale: float,
+    groups: int = 1,
 ) -> torch.Tensor:
     """The same sum from the module's own forward and autograd's operations (see the module docstring
-    for when this runs); slices without a B get zeros."""
+    for when this runs)."""
     result = base(x)
-    ax = F.linear(lora_x, a)
-    r = a.shape[0] // len(bs)
+    delta = sliced_update(F.linear(lora_x, a), bs, offsets, scale, result.shape[-1], groups)
+    return result + delta.to(result.dtype)
+
+
+def sliced_update(
+    ax: torch.Tensor,
+    bs: Sequence[torch.Tensor],
+    offsets: Sequence[int],
+    scale: float,
+    fan_out: int,
+    groups: int = 1,
+) -> torch.Tensor:
+    """``scale · ax_i B_iᵀ`` in each slice's output columns and zeros elsewhere, (..., fan_out), built by
+    concatenation rather than in place (autograd's operations only); ``ax`` is ``A x`` for the stacked A."""
+    r = ax.shape[-1] // len(bs)
+    lead, width = ax.shape[:-1], fan_out // groups
     pieces, at = [], 0
     for i, (offset, b) in enumerate(zip(offsets, bs, strict=True)):
+        size = b.shape[0] // groups
         if offset > at:
-            pieces.append(ax.new_zeros(*ax.shape[:-1], offset - at))
-        pieces.append(ax[..., i * r : (i + 1) * r] @ (b * scale).t())
-        at = offset + b.shape[0]
-    if at < result.shape[-1]:
-        pieces.append(ax.new_zeros(*ax.shape[:-1], result.shape[-1] - at))
+            pieces.append(ax.new_zeros(*lead, groups, offset - at))
+        pieces.append((ax[..., i * r : (i + 1) * r] @ (b * scale).t()).unflatten(-1, (groups, size)))
+        at = offset + size
+    if at < width:
+        pieces.append(ax.new_zeros(*lead, groups, width - at))
     delta = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
-    return result + delta.to(result.dtype)
+    return delta.flatten(-2)
 
 
 def lora_linear(
@@ -205,8 +251,10 @@ def lora_linear(
     bs: Sequence[torch.Tensor],
     offsets: Sequence[int],
     scale: float,
+    groups: int = 1,
 ) -> torch.Tensor:
-    """``base(x)`` plus ``scale · B_i A_i lora_x`` in output columns ``offsets[i]`` onwards.
+    """``base(x)`` plus ``scale · B_i A_i lora_x`` in output columns ``offsets[i]`` onwards (within each of
+    ``groups`` equal groups of columns: a per-head fused layout).
 
     ``a`` is the A factors stacked (k·r, in), ``bs`` the B factors (d_i, r); ``lora_x`` is the LoRA path's
     input (``x`` after LoRA dropout, in the LoRA weights' dtype outside autocast), ``x`` itself when that
@@ -216,7 +264,7 @@ def lora_linear(
     autocast = torch.is_autocast_enabled(device_type)
     same_dtype = x.dtype == base.weight.dtype == a.dtype and all(b.dtype == a.dtype for b in bs)
     if not computes_itself(base) or not (autocast or same_dtype):
-        return _update_by_autograd(base, x, lora_x, a, bs, offsets, scale)
+        return _update_by_autograd(base, x, lora_x, a, bs, offsets, scale, groups)
     lead, fan_in = x.shape[:-1], x.shape[-1]
     shared = lora_x is x
     weight, bias = base.weight, base.bias
@@ -233,7 +281,9 @@ def lora_linear(
     # The function runs outside autocast: what autocast would do to each matmul's inputs is done above.
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x2d, lora_x, a, *bs)):
-            out = LoraLinearFunction.apply(x2d, lora_x2d, weight, bias, a, scale, tuple(offsets), conv1d, *bs)
+            out = LoraLinearFunction.apply(
+                x2d, lora_x2d, weight, bias, a, scale, tuple(offsets), conv1d, groups, *bs
+            )
         elif (
             shared
             and x2d.dtype in (torch.float32, torch.float64)
@@ -241,7 +291,7 @@ def lora_linear(
         ):
             # No graph to record (evaluation, generation) and many tokens: BA folded into a transient
             # weight. Only in fp32/fp64: W0 + s·BA rounded to bf16 or fp16 would lose much of the update.
-            out = _folded_forward(x2d, weight, bias, a, scale, offsets, conv1d, bs)
+            out = _folded_forward(x2d, weight, bias, a, scale, offsets, conv1d, bs, groups)
         else:  # no graph to record: the same sum without autograd.Function's bookkeeping
-            out = _lora_forward(x2d, lora_x2d, weight, bias, a, scale, offsets, conv1d, bs)[0]
+            out = _lora_forward(x2d, lora_x2d, weight, bias, a, scale, offsets, conv1d, bs, groups)[0]
     return out.view(*lead, fan_out)
