@@ -1,7 +1,7 @@
 """The base model and tokenizer for a recipe, with LoRA injected as the recipe asks.
 
-The LoRA core (``lorakit.lora``) knows nothing of transformers or recipes; this module is where the
-two meet: it picks the Auto class for the task, sizes the head from the task, resolves the recipe's
+The LoRA core (``lorakit.lora``) knows nothing of transformers, model families or recipes; this module is
+where they meet: it picks the Auto class for the task, sizes the head from the task, resolves the recipe's
 ``lora`` section into a core ``LoraConfig`` and turns the core's errors into ``UserError`` lines that
 name the recipe key at fault.
 """
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import UserError
+from lorakit.families import fused_slices, lora_defaults, position_limit, seq_cls_heads
 from lorakit.lora import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -31,9 +32,7 @@ from lorakit.lora import (
     lora_modules,
     mark_trainable,
     read_adapter,
-    resolve_defaults,
     saved_module_names,
-    seq_cls_heads,
     suffix_matches,
 )
 
@@ -174,15 +173,10 @@ def check_max_length(recipe: Recipe, config: PretrainedConfig) -> None:
     the embeddings. The default is left alone, as before: short rows never reach it."""
     if "max_length" not in recipe.task.model_fields_set:
         return
-    model_type = getattr(config, "model_type", "")
-    if model_type == "deberta-v2" and not getattr(config, "position_biased_input", True):
-        return  # relative positions only: no absolute table to run past
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if not isinstance(positions, int):
-        return
-    if model_type in ("roberta", "xlm-roberta", "camembert"):
-        positions -= (getattr(config, "pad_token_id", None) or 0) + 1  # their positions start past the pad id
-    if recipe.task.max_length > positions:
+    positions = position_limit(
+        config
+    )  # the family's own rules: RoBERTa's offset, DeBERTa's relative positions
+    if positions is not None and recipe.task.max_length > positions:
         raise UserError(
             f"{recipe.task.max_length} tokens, more than the {positions} positions of "
             f"{recipe.model.name_or_path!r}",
@@ -234,29 +228,13 @@ def empty_model(recipe: Recipe, task: Task, config: PretrainedConfig | None = No
 
 def lora_config(recipe: Recipe, model: nn.Module, task: Task) -> LoraConfig:
     """The core's ``LoraConfig`` for the recipe's ``lora`` section. Null ``target_modules`` stay null
-    (the core picks the paper's targets from ``config.model_type``); null ``modules_to_save`` become
-    the architecture's head for classification and regression, nothing for generation. Fused q|k|v
-    projections get their slices' row counts from the model's config (``lorakit.families``), which the
-    core cannot read."""
-    # Imported here: this module's import block is shared with edits to the model-building functions.
-    from lorakit import families
-    from lorakit.lora import paper_targets
-
+    (``apply_lora`` completes them with the paper's targets for ``config.model_type``); null
+    ``modules_to_save`` become the architecture's head for classification and regression, nothing for
+    generation. Fused q|k|v projections get their slices' row counts from the model's config
+    (``lorakit.families``), which the core cannot read."""
     section = recipe.lora
     hf_config = getattr(model, "config", None)
     model_type = getattr(hf_config, "model_type", "")
-    problem = families.layout_problem(hf_config)
-    if section.target_modules is None and problem is not None:
-        try:
-            paper_targets(model_type)
-        except KeyError:
-            pass  # no preset at all: the core's message lists the model's modules
-        else:
-            raise UserError(
-                f"{problem}, so it has no q/v slices to adapt by default; set lora.target_modules "
-                "(the fused module whole, all-linear, or other modules)",
-                recipe.where("lora.target_modules"),
-            )
     to_save = section.modules_to_save
     if to_save is None and task.kind != "generation":
         names = [n for n, _ in model.named_modules() if n]
@@ -276,17 +254,18 @@ def lora_config(recipe: Recipe, model: nn.Module, task: Task) -> LoraConfig:
         modules_to_save=tuple(to_save or ()),
         init=section.init,
         use_rslora=section.use_rslora,
-        fused_slices=families.fused_slices(hf_config),
+        fused_slices=fused_slices(hf_config),
     )
 
 
 def apply_lora(recipe: Recipe, model: nn.Module, task: Task) -> tuple[LoraConfig, list[str]]:
     """Inject LoRA into ``model`` as training would and mark the adapter trainable; returns the config
-    and the adapted module names. Core errors become UserErrors at the recipe key they concern."""
+    and the adapted module names. Core and family errors become UserErrors at the recipe key they
+    concern (a family without default targets, a slice its fused layout does not have)."""
     config = lora_config(recipe, model, task)
     try:
-        # Resolved here so the returned config names the targets actually used, not null.
-        config = resolve_defaults(model, config)
+        # Completed here so the returned config names the targets actually used, not null.
+        config = lora_defaults(model, config)
         adapted = inject_lora(model, config)
     except TargetNotFoundError as exc:
         raise UserError(_one_line(exc), recipe.where("lora.target_modules")) from None

@@ -22,7 +22,7 @@ QUICK_MODELS = ("roberta-base", "gpt2-medium")
 
 def _heads(name: str) -> tuple[str, ...]:
     """The 3-label MNLI head lorakit trains beside the adapter (none for GPT-2's LM head)."""
-    from lorakit.lora.presets import seq_cls_heads
+    from lorakit.families import seq_cls_heads
 
     model_type = PAPER_MODELS[name][0]
     return () if model_type == "gpt2" else tuple(seq_cls_heads(model_type))
@@ -48,6 +48,7 @@ def _saved_bytes(model: nn.Module, config: Any, task_type: str) -> int:
 def adapter_size(name: str) -> dict[str, Any]:
     """LoRA and head parameter counts, adapter bytes on disk (with and without the task head) and the
     fp32 model's size, for one of the paper's models (``PAPER_MODELS``)."""
+    from lorakit.families import lora_defaults
     from lorakit.lora import LoraConfig, inject_lora, mark_trainable
     from lorakit.lora.inject import adapter_parameter_names
 
@@ -56,7 +57,8 @@ def adapter_size(name: str) -> dict[str, Any]:
     with torch.device("meta"):
         model = paper_model(name, num_labels=3)
     model_params = count_parameters(model).total  # tied weights (GPT-2's embedding and LM head) once
-    config = LoraConfig(r=r, alpha=2.0 * r, modules_to_save=heads)  # targets: the paper's, by model type
+    # Targets: the paper's, by model type (GPT-2's q and v slices of c_attn).
+    config = lora_defaults(model, LoraConfig(r=r, alpha=2.0 * r, modules_to_save=heads))
     inject_lora(model, config)
     mark_trainable(model, "none", heads)
     names = adapter_parameter_names(model, "none", heads)

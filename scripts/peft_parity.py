@@ -26,8 +26,8 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
+from lorakit.families import lora_defaults, paper_targets, seq_cls_heads
 from lorakit.lora import LoraConfig, inject_lora, load_adapter, mark_trainable, save_adapter
-from lorakit.lora.presets import paper_targets, seq_cls_heads
 
 SIZE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=500)
 
@@ -54,7 +54,7 @@ def parity(arch: str, model: torch.nn.Module, task_type: str, ids: torch.Tensor)
     heads = seq_cls_heads(arch) if task_type == "SEQ_CLS" else []
     with tempfile.TemporaryDirectory() as ours_dir, tempfile.TemporaryDirectory() as peft_dir:
         ours, base = model, copy.deepcopy(model)
-        config = LoraConfig(r=8, alpha=16, modules_to_save=heads)
+        config = lora_defaults(ours, LoraConfig(r=8, alpha=16, modules_to_save=heads))  # the paper's targets
         inject_lora(ours, config)
         mark_trainable(ours, "none", heads)
         _randomize(ours, "lora_")
@@ -67,7 +67,7 @@ def parity(arch: str, model: torch.nn.Module, task_type: str, ids: torch.Tensor)
             # How far the adapter moves the outputs: parity of 0 means something only if this is not.
             effect = (ours(input_ids=ids).logits - base(input_ids=ids).logits).abs().max().item()
 
-        targets = [t.split("[")[0] for t in paper_targets(arch if arch != "deberta-v2" else "deberta-v2")]
+        targets = [t.split("[")[0] for t in paper_targets(arch)]
         cfg = peft.LoraConfig(
             r=8,
             lora_alpha=16,

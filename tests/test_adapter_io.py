@@ -14,6 +14,7 @@ import torch
 from conftest import randomize_lora, tiny_bert, tiny_deberta, tiny_gpt2, tiny_roberta
 from safetensors.torch import load_file
 
+from lorakit.families import lora_defaults, seq_cls_heads
 from lorakit.lora import (
     LoraConfig,
     LoraFusedLinear,
@@ -24,7 +25,6 @@ from lorakit.lora import (
     mark_trainable,
     save_adapter,
 )
-from lorakit.lora.presets import seq_cls_heads
 
 CASES = {
     "roberta": (tiny_roberta, "SEQ_CLS", seq_cls_heads("roberta")),
@@ -51,7 +51,7 @@ def test_peft_loads_what_lorakit_writes(arch: str, tmp_path: Path, token_batch) 
     factory, task_type, heads = CASES[arch]
     model = factory()
     base = copy.deepcopy(model)
-    config = LoraConfig(r=4, alpha=8, modules_to_save=heads)
+    config = lora_defaults(model, LoraConfig(r=4, alpha=8, modules_to_save=heads))  # the paper's targets
     inject_lora(model, config)
     mark_trainable(model, config.bias, heads)
     randomize_lora(model)
@@ -104,7 +104,9 @@ def test_lorakit_loads_what_peft_writes(arch: str, tmp_path: Path, token_batch) 
 def test_gpt2_slices_round_trip_as_a_block_structured_rank_2r_lora(tmp_path: Path, token_batch) -> None:
     model = tiny_gpt2()
     fresh = copy.deepcopy(model)
-    config = LoraConfig(r=4, alpha=32)  # the paper's GPT-2 setting: c_attn q and v slices
+    config = lora_defaults(
+        model, LoraConfig(r=4, alpha=32)
+    )  # the paper's GPT-2 setting: c_attn q and v slices
     inject_lora(model, config)
     randomize_lora(model)
     save_adapter(model, tmp_path, config, task_type="CAUSAL_LM")
@@ -133,7 +135,14 @@ def test_gpt2_slices_round_trip_as_a_block_structured_rank_2r_lora(tmp_path: Pat
 def test_rslora_and_bias_are_carried_to_peft(tmp_path: Path, token_batch) -> None:
     model = tiny_roberta()
     base = copy.deepcopy(model)
-    config = LoraConfig(r=4, alpha=8, use_rslora=True, bias="lora_only", modules_to_save=["classifier"])
+    config = LoraConfig(
+        r=4,
+        alpha=8,
+        target_modules=["query", "value"],
+        use_rslora=True,
+        bias="lora_only",
+        modules_to_save=["classifier"],
+    )
     inject_lora(model, config)
     mark_trainable(model, config.bias, config.modules_to_save)
     randomize_lora(model)
@@ -147,7 +156,7 @@ def test_rslora_and_bias_are_carried_to_peft(tmp_path: Path, token_batch) -> Non
 
 def test_writes_are_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_roberta()
-    config = LoraConfig(r=2, alpha=4)
+    config = LoraConfig(r=2, alpha=4, target_modules=["query", "value"])
     inject_lora(model, config)
 
     def crash(*args, **kwargs):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import randomize_lora, tiny_bert, tiny_deberta, tiny_gpt2, tiny_roberta
 
+from lorakit.families import seq_cls_heads
 from lorakit.lora import (
     LoraConfig,
     inject_lora,
@@ -30,7 +31,6 @@ from lorakit.lora.adapters import (
 )
 from lorakit.lora.inject import active_adapter, adapter_names, set_active_adapter
 from lorakit.lora.layers import SharedInputError
-from lorakit.lora.presets import seq_cls_heads
 
 BUILDERS = {"roberta": tiny_roberta, "bert": tiny_bert, "deberta-v2": tiny_deberta}
 ENCODER = r".*encoder\.layer\.\d+\..*(query|key|value|dense|query_proj|key_proj|value_proj)"
@@ -182,7 +182,7 @@ def test_gpt2_adapters_on_different_slices_mix_in_one_batch(tmp_path: Path) -> N
     dirs = {}
     for name, targets, r in (("qv", ["c_attn[q,v]"], 4), ("qkv", ["c_attn[q,k,v]", "c_proj"], 2)):
         model = copy.deepcopy(base)
-        config = LoraConfig(r=r, alpha=8, target_modules=targets)
+        config = LoraConfig(r=r, alpha=8, target_modules=targets, fused_slices={"c_attn": ("q", "k", "v")})
         inject_lora(model, config)
         randomize_lora(model, seed=r)
         dirs[name] = save_adapter(model, tmp_path / name, config, task_type="CAUSAL_LM")

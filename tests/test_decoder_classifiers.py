@@ -18,6 +18,7 @@ from conftest import SHARED_DATA, randomize_lora
 from test_families import DECODERS, ENCODERS, tiny
 
 from lorakit.data.batching import PaddingCollator
+from lorakit.families import lora_defaults
 from lorakit.lora import LoraConfig, activated, add_adapter, mixed_logits, unload_lora
 from lorakit.models import HeadSpec, apply_lora, build_model, load_trained
 from lorakit.pooling import last_real_positions, pool_last_real_token, pools_last_token
@@ -176,7 +177,8 @@ def test_two_adapters_in_one_mixed_batch_each_pool_the_last_real_token(
     """Each adapter's own head copy (lorakit's per-adapter wrapper) sees its rows at their last real token."""
     model = build_model(recipe_for(model_dirs[family]), HEAD).eval()
     for name in ("a", "b"):
-        add_adapter(model, name, LoraConfig(r=4, alpha=8, modules_to_save=["score"]))
+        # The paper's targets for the family (GPT-2's q and v slices, Llama's q_proj and v_proj).
+        add_adapter(model, name, lora_defaults(model, LoraConfig(r=4, alpha=8, modules_to_save=["score"])))
     randomize_lora(model)
     with torch.no_grad():
         for name in ("a", "b"):

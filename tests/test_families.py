@@ -14,6 +14,7 @@ import torch
 from conftest import max_diff, perturb_heads, randomize_lora, train_glue_run
 
 from lorakit.errors import UserError
+from lorakit.families import lora_defaults, seq_cls_heads
 from lorakit.lora import (
     LoraConfig,
     TargetNotFoundError,
@@ -23,7 +24,6 @@ from lorakit.lora import (
     lora_modules,
     mark_trainable,
     save_adapter,
-    seq_cls_heads,
     unload_lora,
 )
 
@@ -45,12 +45,17 @@ CONFIGS: dict[str, dict] = {
     "opt": {**TINY, "ffn_dim": 64, "word_embed_proj_dim": 32},
     "distilbert": dict(vocab_size=VOCAB, dim=32, hidden_dim=64, n_heads=4, n_layers=2),
     "xlm-roberta": dict(TINY),
+    "camembert": dict(TINY),
     "electra": {**TINY, "embedding_size": 16},  # smaller than hidden: an embeddings_project Linear
     # all-linear only: GPT-2's and Phi-3's defaults (q/v slices of a fused projection) are tested in
-    # test_adapter_io and test_fused_families; GPT-NeoX (per-head interleaved q|k|v) has no preset.
+    # test_adapter_io, test_fused_families and test_interleaved_families (per-head q|k|v).
     "gpt2": dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4),
     "phi3": {**TINY, "num_key_value_heads": 2},
     "gpt_neox": dict(TINY),
+    "bloom": dict(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4),
+    "falcon": {**TINY, "new_decoder_architecture": True, "num_kv_heads": 2},
+    # No preset: GPT-J is not among the families lorakit presets (its q_proj/v_proj would need one line).
+    "gptj": dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4),
 }
 DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "opt")
 # Where each family keeps W_q and W_v: written out, not derived from the presets under test.
@@ -59,19 +64,25 @@ QV = {
     "opt": "model.decoder.layers.{i}.self_attn.{p}",
     "distilbert": "distilbert.transformer.layer.{i}.attention.{p}",
     "xlm-roberta": "roberta.encoder.layer.{i}.attention.self.{p}",
+    "camembert": "roberta.encoder.layer.{i}.attention.self.{p}",
     "electra": "electra.encoder.layer.{i}.attention.self.{p}",
 }
 QV_NAMES = {
     "distilbert": ("q_lin", "v_lin"),
     "xlm-roberta": ("query", "value"),
+    "camembert": ("query", "value"),
     "electra": ("query", "value"),
 }
 # Encoders: sequence classifiers only (DistilBERT has no causal-LM class; the others' are not LMs).
-ENCODERS = ("distilbert", "xlm-roberta", "electra")
+ENCODERS = ("distilbert", "xlm-roberta", "camembert", "electra")
 CASES = [
     *[(t, kind, targets) for t in DECODERS for kind in ("seq_cls", "causal") for targets in ("paper", "all")],
     *[(t, "seq_cls", targets) for t in ENCODERS for targets in ("paper", "all")],
-    *[(t, kind, "all") for t in ("gpt2", "phi3") for kind in ("seq_cls", "causal")],
+    *[
+        (t, kind, "all")
+        for t in ("gpt2", "phi3", "gpt_neox", "bloom", "falcon")
+        for kind in ("seq_cls", "causal")
+    ],
 ]
 
 
@@ -111,6 +122,7 @@ def test_peft_loads_and_merge_keeps_the_outputs(
     config = LoraConfig(
         r=4, alpha=8, target_modules=None if targets == "paper" else "all-linear", modules_to_save=heads
     )
+    config = lora_defaults(model, config)  # null targets: the paper's, from the family's spec
     adapted = inject_lora(model, config)
     if targets == "paper":
         assert sorted(adapted) == expected_qv(model_type)
@@ -151,7 +163,7 @@ def test_a_mixed_batch_of_two_adapters_equals_each_alone(model_type: str, kind: 
     model = tiny(model_type, kind)
     present = {n for n, _ in model.named_modules()}
     heads = [h for h in seq_cls_heads(model_type) if h in present] if kind == "seq_cls" else []
-    add_adapter(model, "qv", LoraConfig(r=4, alpha=8, modules_to_save=heads))
+    add_adapter(model, "qv", lora_defaults(model, LoraConfig(r=4, alpha=8, modules_to_save=heads)))
     add_adapter(model, "every", LoraConfig(r=2, alpha=4, target_modules="all-linear", modules_to_save=heads))
     randomize_lora(model)
     perturb_heads(model, heads)  # one copy each: the two heads differ once both are moved
@@ -204,26 +216,24 @@ def test_a_family_without_a_preset_says_how_to_choose_targets() -> None:
     from lorakit.recipe import recipe_from_dict
     from lorakit.tasks import get_task
 
-    model = tiny("gpt_neox", "seq_cls")
+    model = tiny("gptj", "seq_cls")
     message = (
-        "no default LoRA targets for model type 'gpt_neox'; set lora.target_modules, "
+        "no default LoRA targets for model type 'gptj'; set lora.target_modules, "
         "e.g. [q_proj, v_proj] (module names), a regular expression, or all-linear; this model's modules: "
     )
     with pytest.raises(TargetNotFoundError) as err:
-        inject_lora(model, LoraConfig())
-    assert str(err.value).startswith(message) and "query_key_value" in str(err.value)
+        lora_defaults(model, LoraConfig())
+    assert str(err.value).startswith(message) and "q_proj" in str(err.value)
 
     recipe = recipe_from_dict(
-        {"model": {"name_or_path": "tiny/gpt_neox"}, "task": {"name": "sst2"}}, source="r.yaml"
+        {"model": {"name_or_path": "tiny/gptj"}, "task": {"name": "sst2"}}, source="r.yaml"
     )
-    with pytest.raises(
-        UserError, match=r"^r\.yaml: lora\.target_modules: no default LoRA targets .*'gpt_neox'"
-    ):
+    with pytest.raises(UserError, match=r"^r\.yaml: lora\.target_modules: no default LoRA targets .*'gptj'"):
         apply_lora(recipe, model, get_task("sst2"))
     # The same recipe with all-linear goes through: the schema's string is not read as a regex.
     recipe = recipe_from_dict(
         {
-            "model": {"name_or_path": "tiny/gpt_neox"},
+            "model": {"name_or_path": "tiny/gptj"},
             "task": {"name": "sst2"},
             "lora": {"target_modules": "all-linear"},
         },
@@ -232,10 +242,12 @@ def test_a_family_without_a_preset_says_how_to_choose_targets() -> None:
     config, adapted = apply_lora(recipe, model, get_task("sst2"))
     assert config.modules_to_save == ("score",)
     assert sorted({n.rsplit(".", 1)[-1] for n in adapted}) == [
-        "dense",
-        "dense_4h_to_h",
-        "dense_h_to_4h",
-        "query_key_value",
+        "fc_in",
+        "fc_out",
+        "k_proj",
+        "out_proj",
+        "q_proj",
+        "v_proj",
     ]
 
 

@@ -3,7 +3,7 @@ attention, GPT-BigCode's multi-query ``c_attn``, ModernBERT's ``Wqkv``. On tiny 
 transformers: the default targets adapt exactly q and v, each slice's update lands on its own rows (checked
 against a construction written out here, not lorakit's offsets), PEFT loads the block-structured file and
 gives the same logits, merging keeps them, analysis splits at the same rows, old names-only files still
-load, and per-head (interleaved) layouts are never sliced."""
+load, and per-head layouts get their slices (tests/test_interleaved_families.py checks their rows)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lorakit import families
-from lorakit.errors import UserError
 from lorakit.lora import (
     LoraConfig,
     LoraFusedLinear,
@@ -33,7 +32,6 @@ from lorakit.lora import (
     mark_trainable,
     mixed_logits,
     save_adapter,
-    seq_cls_heads,
     unload_lora,
 )
 
@@ -70,11 +68,13 @@ def tiny(model_type: str, kind: str, **overrides) -> torch.nn.Module:
 
 
 def lora_config(model: torch.nn.Module, kind: str, **kwargs) -> LoraConfig:
-    """As lorakit.models.lora_config builds it: the family's heads, slice sizes from the model's config."""
-    heads = seq_cls_heads(model.config.model_type) if kind == "seq_cls" else []
-    return LoraConfig(
+    """As lorakit.models builds it: the family's heads and (unless given) its paper targets, slice sizes
+    from the model's config."""
+    heads = families.seq_cls_heads(model.config.model_type) if kind == "seq_cls" else []
+    config = LoraConfig(
         r=4, alpha=8, modules_to_save=heads, fused_slices=families.fused_slices(model.config), **kwargs
     )
+    return families.lora_defaults(model, config)
 
 
 def expected_delta(layer: LoraFusedLinear, sizes: tuple[int, int, int]) -> torch.Tensor:
@@ -202,7 +202,7 @@ def test_an_old_gpt2_file_with_slice_names_only_still_loads_as_equal_thirds(
 
     model = tiny_gpt2()
     fresh = copy.deepcopy(model)
-    config = LoraConfig(r=4, alpha=32)  # GPT-2's preset: c_attn[q,v], equal slices by name
+    config = families.lora_defaults(model, LoraConfig(r=4, alpha=32))  # GPT-2's: c_attn[q,v], equal thirds
     inject_lora(model, config)
     randomize_lora(model)
     save_adapter(model, tmp_path, config, task_type="CAUSAL_LM")
@@ -275,17 +275,21 @@ def test_resize_writes_each_slice_back_on_its_own_rows(tmp_path: Path, token_bat
 
 
 @pytest.mark.parametrize(
-    ("model_type", "overrides"),
+    ("model_type", "overrides", "groups"),
     [
-        ("gpt_neox", {}),
-        ("bloom", {"n_layer": 2, "n_head": 4}),
-        ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),
-        ("gpt_bigcode", {"multi_query": False}),
+        ("gpt_neox", {}, 4),
+        ("bloom", {"n_layer": 2, "n_head": 4}, 4),
+        ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}, 2),
+        ("gpt_bigcode", {"multi_query": False}, 4),
     ],
 )
-def test_per_head_interleaved_layouts_are_never_sliced(model_type: str, overrides: dict) -> None:
-    """GPT-NeoX, BLOOM, Falcon and GPT-BigCode without multi-query lay q, k, v out per head: no slices
-    from the config, no default targets, and a slice target is refused even when slices are declared."""
+def test_per_head_layouts_get_their_q_and_v_slices_and_a_contiguous_declaration_is_refused(
+    model_type: str, overrides: dict, groups: int
+) -> None:
+    """GPT-NeoX, BLOOM, Falcon and GPT-BigCode without multi-query lay q, k, v out per head (per key/value
+    group for Falcon's new architecture): the recipe's defaults adapt q and v in every group
+    (tests/test_interleaved_families.py checks the rows), and slices declared as contiguous blocks are
+    refused by lorakit.families (the core adapts the rows it is told)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from lorakit.models import apply_lora
@@ -295,27 +299,31 @@ def test_per_head_interleaved_layouts_are_never_sliced(model_type: str, override
     settings = {**TINY, **overrides} if model_type != "gpt_bigcode" else {**CONFIGS[model_type], **overrides}
     model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(model_type, **settings))
     module = "c_attn" if model_type == "gpt_bigcode" else "query_key_value"
-    assert families.fused_slices(model.config) == {}
-    assert families.layout_problem(model.config) is not None
-    with pytest.raises(TargetNotFoundError):
-        inject_lora(model, LoraConfig())
-    with pytest.raises(TargetNotFoundError):
+    (layout,) = families.fused_slices(model.config).values()
+    assert layout.groups == groups and layout.names == ("q", "k", "v")
+    with pytest.raises(TargetNotFoundError, match="has no slices"):  # the core: no slices declared
         inject_lora(model, LoraConfig(target_modules=[f"{module}[q,v]"]))
-    if model_type != "gpt_bigcode":
-        with pytest.raises(TargetNotFoundError, match="interleaves q, k and v per head"):
-            declared = {module: ("q", "k", "v")}  # a declaration by hand is refused too
-            inject_lora(model, LoraConfig(target_modules=[f"{module}[q,v]"], fused_slices=declared))
+    with pytest.raises(TargetNotFoundError, match="groups of q .*not as declared"):
+        declared = {module: ("q", "k", "v")}  # contiguous thirds, declared by hand
+        families.lora_defaults(model, LoraConfig(target_modules=[f"{module}[q,v]"], fused_slices=declared))
     recipe = recipe_from_dict({"model": {"name_or_path": "tiny"}, "task": {"name": "sst2"}}, source="r.yaml")
-    with pytest.raises(UserError, match=r"^r\.yaml: lora\.target_modules: "):
-        apply_lora(recipe, model, get_task("sst2"))
-    assert not list(lora_modules(model))
+    config, adapted = apply_lora(recipe, model, get_task("sst2"))
+    assert list(config.target_modules) == [f"{module}[q,v]"] and len(adapted) == 2
+    for _, layer in lora_modules(model):
+        assert isinstance(layer, LoraFusedLinear) and layer.groups == groups and layer.adapted == ("q", "v")
 
 
 def test_phi3_slices_are_refused_without_sizes_or_with_sizes_of_another_model() -> None:
     """Names alone would read as equal thirds and cut Phi-3's grouped-query q|k|v at the wrong rows."""
     model = tiny("phi3", "lm")
-    with pytest.raises(TargetNotFoundError, match="depend on its config"):
-        inject_lora(model, LoraConfig())
-    with pytest.raises(TargetNotFoundError, match="cover 96 rows; the projection has 64"):
-        inject_lora(model, LoraConfig(fused_slices={"qkv_proj": (("q", 32), ("k", 32), ("v", 32))}))
+    qv = ["qkv_proj[q,v]"]
+    with pytest.raises(TargetNotFoundError, match=r"laid out as q 32 \| k 16 \| v 16, not as declared"):
+        families.lora_defaults(model, LoraConfig(fused_slices={"qkv_proj": ("q", "k", "v")}))
+    with pytest.raises(TargetNotFoundError, match="has no slices"):  # the core, told no layout
+        inject_lora(model, LoraConfig(target_modules=qv))
+    other = {"qkv_proj": (("q", 32), ("k", 32), ("v", 32))}  # another model's sizes
+    with pytest.raises(TargetNotFoundError, match="not as declared .slices that do not cover its rows"):
+        families.lora_defaults(model, LoraConfig(fused_slices=other))
+    with pytest.raises(ValueError, match="cover 96 rows; the projection has 64"):  # the core, told them
+        inject_lora(model, LoraConfig(target_modules=qv, fused_slices=other))
     assert not list(lora_modules(model))

@@ -9,6 +9,7 @@ from conftest import randomize_lora, tiny_bert, tiny_deberta, tiny_gpt2, tiny_ro
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lorakit.families import lora_defaults, seq_cls_heads
 from lorakit.lora import (
     LoraConfig,
     LoraFusedLinear,
@@ -22,7 +23,6 @@ from lorakit.lora import (
     unload_lora,
     unmerge_lora,
 )
-from lorakit.lora.presets import seq_cls_heads
 
 ARCHS = {
     "roberta": (tiny_roberta, ["query", "value"]),
@@ -30,13 +30,22 @@ ARCHS = {
     "deberta-v2": (tiny_deberta, ["query_proj", "value_proj"]),
     "gpt2": (tiny_gpt2, ["c_attn"]),
 }
+# GPT-2's q and v slices of its fused c_attn (equal thirds), as lorakit.families gives them.
+GPT2_QV = {"target_modules": ["c_attn[q,v]"], "fused_slices": {"c_attn": ("q", "k", "v")}}
+
+
+def qv(arch: str, **kwargs) -> LoraConfig:
+    """The paper's q/v targets for one of ARCHS, written out (the core takes no default)."""
+    if arch == "gpt2":
+        return LoraConfig(**GPT2_QV, **kwargs)
+    return LoraConfig(target_modules=ARCHS[arch][1], **kwargs)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_default_targets_are_the_papers_query_and_value(arch: str) -> None:
     factory, leaves = ARCHS[arch]
     model = factory()
-    adapted = inject_lora(model, LoraConfig(r=4, alpha=8))
+    adapted = inject_lora(model, lora_defaults(model, LoraConfig(r=4, alpha=8)))
     assert {n.rsplit(".", 1)[-1] for n in adapted} == set(leaves)
     if arch == "gpt2":  # one fused c_attn per layer holding q and v
         assert len(adapted) == 2
@@ -53,7 +62,7 @@ def test_injected_model_starts_as_the_base_and_merges_back_to_plain_modules(arch
     base_types = {n: type(m) for n, m in model.named_modules()}
     with torch.no_grad():
         base_out = model(**token_batch).logits
-    inject_lora(model, LoraConfig(r=4, alpha=8))
+    inject_lora(model, qv(arch, r=4, alpha=8))
     with torch.no_grad():
         torch.testing.assert_close(model(**token_batch).logits, base_out)  # B = 0 at start
     randomize_lora(model)
@@ -79,7 +88,9 @@ def test_target_that_matches_nothing_is_an_error_listing_candidates() -> None:
     with pytest.raises(TargetNotFoundError, match="regex"):
         inject_lora(model, LoraConfig(target_modules=r".*\.nothing"))
     with pytest.raises(TargetNotFoundError, match="slices"):
-        inject_lora(tiny_gpt2(), LoraConfig(target_modules=["c_attn[q,x]"]))
+        inject_lora(tiny_gpt2(), LoraConfig(**{**GPT2_QV, "target_modules": ["c_attn[q,x]"]}))
+    with pytest.raises(TargetNotFoundError, match="has no slices"):  # slices not declared: never guessed
+        inject_lora(tiny_gpt2(), LoraConfig(target_modules=["c_attn[q,v]"]))
 
 
 def test_regex_targets_match_full_names() -> None:
@@ -101,7 +112,7 @@ def test_embedding_and_conv1d_targets() -> None:
 
 def test_trainable_marking_and_counts_with_bias_modes() -> None:
     model = tiny_roberta()
-    inject_lora(model, LoraConfig(r=4, alpha=8))
+    inject_lora(model, qv("roberta", r=4, alpha=8))
     names = mark_trainable(model, "none", seq_cls_heads("roberta"))
     assert all("lora_" in n or n.startswith("classifier.") for n in names)
     counts = count_parameters(model)
@@ -120,14 +131,14 @@ def test_trainable_marking_and_counts_with_bias_modes() -> None:
 
 def test_deberta_pooler_is_part_of_the_head() -> None:
     model = tiny_deberta()
-    inject_lora(model, LoraConfig(r=2, alpha=4))
+    inject_lora(model, qv("deberta-v2", r=2, alpha=4))
     names = mark_trainable(model, "none", seq_cls_heads("deberta-v2"))
     assert "pooler.dense.weight" in names and "classifier.weight" in names
 
 
 def test_lora_weights_follow_the_base_weights_device_and_stay_fp32() -> None:
     model = tiny_roberta().to(torch.bfloat16)
-    inject_lora(model, LoraConfig(r=2, alpha=4))
+    inject_lora(model, qv("roberta", r=2, alpha=4))
     for _, m in lora_modules(model):
         assert m.lora_A.dtype == torch.float32 and m.lora_A.device == m.base_layer.weight.device
         assert m.base_layer.weight.dtype == torch.bfloat16

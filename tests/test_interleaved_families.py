@@ -26,6 +26,7 @@ from conftest import max_diff, perturb_heads, randomize_lora
 from safetensors import safe_open
 
 from lorakit.lora import (
+    FusedLayout,
     LoraConfig,
     LoraFusedLinear,
     activated,
@@ -38,7 +39,6 @@ from lorakit.lora import (
     save_adapter,
     unload_lora,
 )
-from lorakit.lora.config import FusedLayout
 
 H, HEADS, HD = 32, 4, 8  # hidden, heads, head_dim
 CONFIGS: dict[str, dict] = {

@@ -12,6 +12,7 @@ from conftest import tiny_bert, tiny_deberta, tiny_gpt2, tiny_roberta
 from torch import nn
 
 from lorakit.data import IGNORE_INDEX
+from lorakit.families import lora_defaults
 from lorakit.lora.config import LoraConfig
 from lorakit.lora.inject import inject_lora, mark_trainable
 from lorakit.training.optimization import build_optimizer, is_norm_module, task_loss
@@ -149,7 +150,7 @@ def _full(model: nn.Module) -> nn.Module:
 
 def _lora(model: nn.Module) -> nn.Module:
     head = "score" if hasattr(model, "score") else "classifier" if hasattr(model, "classifier") else "lm_head"
-    inject_lora(model, LoraConfig(r=2))
+    inject_lora(model, lora_defaults(model, LoraConfig(r=2)))  # each family's paper targets
     mark_trainable(model, bias="all", modules_to_save=[head])
     return model
 
@@ -199,7 +200,7 @@ def test_under_lora_the_low_rank_weights_decay_and_the_heads_bias_does_not() -> 
     model = tiny_roberta()
     # An adapter named so that its name holds "bias": a rule matching "bias" anywhere in the parameter
     # name (as the Hugging Face Trainer's) would leave its LoRA weights undecayed.
-    inject_lora(model, LoraConfig(r=2), adapter="debias")
+    inject_lora(model, LoraConfig(r=2, target_modules=["query", "value"]), adapter="debias")
     trainable = mark_trainable(model, modules_to_save=["classifier"])
     decay, no_decay = _group_names(model)
     assert sorted(decay + no_decay) == trainable  # the trainable parameters, and only those

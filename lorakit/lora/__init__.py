@@ -1,6 +1,7 @@
 """The LoRA core: layers, injection, merging, adapter files, and many named adapters on one base model
 (switching, mixed-task batches). Depends on torch and safetensors only, so it can be lifted out and used
-on any torch model, as loralib is."""
+on any torch model, as loralib is. It knows no model family: targets and fused layouts are given to it as
+plain data (``lorakit.families`` holds the paper's per-family choices for Hugging Face models)."""
 
 from lorakit.lora.adapter_io import (
     CONFIG_NAME,
@@ -21,7 +22,7 @@ from lorakit.lora.adapters import (
     mixed_batch,
     mixed_logits,
 )
-from lorakit.lora.config import LoraConfig
+from lorakit.lora.config import FusedLayout, LoraConfig, slice_layout
 from lorakit.lora.files import (
     BrokenFileError,
     WriteFailedError,
@@ -37,6 +38,7 @@ from lorakit.lora.inject import (
     activated,
     active_adapter,
     adapter_names,
+    candidate_names,
     count_parameters,
     find_targets,
     inject_lora,
@@ -44,9 +46,9 @@ from lorakit.lora.inject import (
     lora_modules,
     mark_trainable,
     merge_lora,
-    resolve_defaults,
     saved_module_names,
     set_active_adapter,
+    split_target,
     suffix_matches,
     unload_lora,
     unmerge_lora,
@@ -60,9 +62,10 @@ from lorakit.lora.layers import (
     lora_scaling,
 )
 from lorakit.lora.loralib_import import import_loralib_checkpoint
-from lorakit.lora.presets import fused_slices, paper_targets, seq_cls_heads
 
 __all__ = [
+    "FusedLayout",
+    "slice_layout",
     "BrokenFileError",
     "WriteFailedError",
     "atomic_write",
@@ -87,10 +90,10 @@ __all__ = [
     "adapter_bytes",
     "adapter_names",
     "add_adapter",
+    "candidate_names",
     "count_parameters",
     "delete_adapter",
     "find_targets",
-    "fused_slices",
     "import_loralib_checkpoint",
     "inject_lora",
     "is_lora_parameter",
@@ -102,14 +105,12 @@ __all__ = [
     "merge_lora",
     "mixed_batch",
     "mixed_logits",
-    "paper_targets",
     "read_adapter",
-    "resolve_defaults",
     "read_adapter_metadata",
     "save_adapter",
     "saved_module_names",
-    "seq_cls_heads",
     "set_active_adapter",
+    "split_target",
     "suffix_matches",
     "unload_lora",
     "unmerge_lora",

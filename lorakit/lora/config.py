@@ -70,15 +70,17 @@ SliceSpec: TypeAlias = Sequence[str] | Sequence[tuple[str, int]] | FusedLayout
 @dataclass
 class LoraConfig:
     """What to adapt and how. ``target_modules``: module-name suffixes, one regular expression on full
-    names, ``"all-linear"``, or None for the paper's choice. ``fused_slices`` maps a module-name suffix to
-    the contiguous output slices of that fused projection, in order: (name, rows) pairs (Phi-3 with
-    grouped-query attention: ``{"qkv_proj": (("q", 3072), ("k", 1024), ("v", 1024))}``), or names alone
-    for equal slices (GPT-2: ``{"c_attn": ("q", "k", "v")}``)."""
+    names, or ``"all-linear"`` (None is filled in outside the core: ``lorakit.families.lora_defaults`` gives
+    the paper's choice for a Hugging Face model). ``fused_slices`` maps a module-name suffix to
+    the output slices of that fused projection, in order: (name, rows) pairs (Phi-3 with grouped-query
+    attention: ``{"qkv_proj": (("q", 3072), ("k", 1024), ("v", 1024))}``), names alone for equal slices
+    (GPT-2: ``{"c_attn": ("q", "k", "v")}``), or a ``FusedLayout`` for one repeated per head."""
 
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    # None: the paper's choice for the model type; a str: ALL_LINEAR or a regular expression.
+    # None: not resolved by the core (lorakit.families fills in the paper's choice); a str: ALL_LINEAR or
+    # a regular expression.
     target_modules: Sequence[str] | str | None = None
     bias: str = "none"
     modules_to_save: Sequence[str] = ()

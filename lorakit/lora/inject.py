@@ -26,7 +26,7 @@ from lorakit.lora.targets import (  # noqa: F401  (TargetNotFoundError...: re-ex
     candidate_names,
     find_targets,
     lookup_pattern,
-    resolve_defaults,
+    split_target,
     suffix_matches,
 )
 
@@ -56,9 +56,9 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADA
 
     A plain module is replaced by its LoRA wrapper; one that is a wrapper already (it carries another
     adapter) gets this one beside the others. LoRA weights are created on the device of the weight they
-    adapt. Trainability is set separately by ``mark_trainable``.
+    adapt. Trainability is set separately by ``mark_trainable``. ``config.target_modules`` must be given
+    (``lorakit.families.lora_defaults`` fills in the paper's choice for a Hugging Face model).
     """
-    config = resolve_defaults(model, config)
     targets = find_targets(model, config)
     for name, slices in targets.items():
         module = model.get_submodule(name)

@@ -1,9 +1,10 @@
-"""Which modules of a model a ``LoraConfig`` adapts: target matching, the paper's defaults, fused slices.
+"""Which modules of a model a ``LoraConfig`` adapts: target matching and fused slices.
 
-Targets are given as
+Targets are given (never guessed: the core knows no model family; ``lorakit.families.lora_defaults`` fills in
+the paper's choice for a Hugging Face model) as
 * a list of module-name suffixes (``["query", "value"]`` matches ``...attention.self.query``), where an
   entry ``"c_attn[q,v]"`` adapts only slices q and v of a fused projection declared in ``fused_slices``
-  (contiguous row blocks; projections that interleave q, k, v per head are refused);
+  (contiguous row blocks: the caller vouches for the layout it declares);
 * or one regular expression matched against full module names (``re.fullmatch``, as PEFT does);
 * or ``"all-linear"``: every nn.Linear and GPT-2 Conv1D but the output head, resolved as PEFT resolves it
   (``_maybe_include_all_linear_layers``); a fused projection (GPT-2's c_attn) is adapted whole, as in
@@ -17,11 +18,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import replace
 
 from torch import nn
 
-from lorakit.lora import presets
 from lorakit.lora.config import ALL_LINEAR, LoraConfig, is_all_linear, slice_names
 from lorakit.lora.heads import SavedModules
 from lorakit.lora.layers import LORA_LAYER_TYPES, LoraFusedLinear, LoraLinear, is_conv1d
@@ -104,48 +103,19 @@ def lookup_pattern(pattern: Mapping[str, float], name: str, default: float) -> f
     return default
 
 
-def resolve_defaults(model: nn.Module, config: LoraConfig) -> LoraConfig:
-    """``config`` with null targets replaced by the paper's choice for the model's ``config.model_type``
-    (a Hugging Face model attribute; read by duck typing) and its fused projections filled in."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if config.target_modules is not None and (config.fused_slices or model_type is None):
-        return config
-    if model_type is None:
-        raise TargetNotFoundError(
-            "target_modules is null and the model has no config.model_type to pick defaults"
-        )
-    targets = config.target_modules
-    if targets is None:
-        try:
-            targets = presets.paper_targets(model_type)
-        except KeyError as err:
-            # The model is at hand here, so the message can show the names its modules really have.
-            raise TargetNotFoundError(
-                f"{err.args[0]}; this model's modules: {', '.join(candidate_names(model))}"
-            ) from None
-    fused = dict(config.fused_slices) or presets.fused_slices(model_type)
-    return replace(config, target_modules=targets, fused_slices=fused)
+def split_target(target: str) -> tuple[str, tuple[str, ...] | None]:
+    """A list entry of ``target_modules`` as (module-name suffix, slices): ``"c_attn[q,v]"`` gives
+    ``("c_attn", ("q", "v"))``, a plain suffix ``(suffix, None)``."""
+    match = _SLICE_TARGET.match(target)
+    if match is None:
+        return target, None
+    return match["module"], tuple(s.strip() for s in match["slices"].split(","))
 
 
-def _check_slices(
-    model_type: str | None, config: LoraConfig, target: str, suffix: str, slices: tuple[str, ...]
-) -> None:
-    """Refuse a slice target unless the projection's slices are declared and are contiguous row blocks:
-    a wrong declaration would adapt the wrong rows without any error."""
-    interleaved = presets.INTERLEAVED.get(model_type or "")
-    if interleaved is not None and suffix_matches(suffix, interleaved):
-        raise TargetNotFoundError(
-            f"target {target!r}: {model_type} interleaves q, k and v per head in {interleaved}, so no "
-            f"block of its rows is one slice; adapt {interleaved} whole or name other modules"
-        )
+def _check_slices(config: LoraConfig, target: str, suffix: str, slices: tuple[str, ...]) -> None:
+    """Refuse a slice target unless the projection's slices are declared in ``config.fused_slices``:
+    guessing them would adapt the wrong rows without any error."""
     known = next((v for k, v in config.fused_slices.items() if suffix_matches(suffix, k)), None)
-    if known is None and model_type in presets.SIZED_BY_CONFIG:
-        raise TargetNotFoundError(
-            f"target {target!r}: the slice sizes of a {model_type} model's {suffix} depend on its config "
-            "(grouped- or multi-query attention); give LoraConfig.fused_slices as (name, size) pairs "
-            "(lorakit.families.fused_slices reads them from the model's config, and gives none for a "
-            "layout that interleaves q, k and v per head)"
-        )
     if known is None or any(s not in slice_names(known) for s in slices):
         raise TargetNotFoundError(
             f"target {target!r}: {suffix!r} has no slices {list(slices)}; "
@@ -156,10 +126,14 @@ def _check_slices(
 def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, tuple[str, ...] | None]:
     """Module names to adapt, each with the slices to adapt (None: the whole module).
 
-    Raises TargetNotFoundError naming every target that matches no adaptable module.
+    Raises TargetNotFoundError naming every target that matches no adaptable module, and for null
+    ``target_modules``: the core knows no model family, so it has no default to pick.
     """
-    config = resolve_defaults(model, config)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if config.target_modules is None:
+        raise TargetNotFoundError(
+            "target_modules is null: give the modules to adapt (names, a regular expression or all-linear); "
+            "lorakit.families.lora_defaults fills in the paper's choice for a Hugging Face model"
+        )
     modules = _target_candidates(model)
     found: dict[str, tuple[str, ...] | None] = {}
     if is_all_linear(config.target_modules):
@@ -175,16 +149,13 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, tuple[str, .
         return found
     missing = []
     for target in config.target_modules:
-        slice_match = _SLICE_TARGET.match(target)
-        suffix = slice_match["module"] if slice_match else target
+        suffix, slices = split_target(target)
         hits = [n for n, m in modules.items() if suffix_matches(n, suffix) and _adaptable(m)]
         if not hits:
             missing.append(target)
             continue
-        slices = None
-        if slice_match:
-            slices = tuple(s.strip() for s in slice_match["slices"].split(","))
-            _check_slices(model_type, config, target, suffix, slices)
+        if slices is not None:
+            _check_slices(config, target, suffix, slices)
         for n in hits:
             found[n] = slices
     if missing:

@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorakit.errors import UserError
+from lorakit.families import head_outputs
 from lorakit.lora import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, read_json_object, safetensors_shapes
 from lorakit.runs import RECIPE_FILE
 
 if TYPE_CHECKING:
     from lorakit.recipe import Recipe
     from lorakit.tasks.base import Task
-
-_HEAD_OUTPUTS = ("out_proj.weight", "classifier.weight", "score.weight")
 
 
 @dataclass
@@ -72,10 +71,12 @@ def _recorded_head(path: Path) -> tuple[str | None, list[str] | None]:
 
 
 def _head_width(weights: Path) -> int | None:
-    """Output count of the head in an adapter file (its last projection's rows), or None."""
+    """Output count of the head in an adapter file (its output projection's rows, as each model family
+    names it: ``lorakit.families.head_outputs``), or None."""
     shapes = {k.removeprefix(PEFT_PREFIX): shape for k, shape in safetensors_shapes(weights).items()}
-    for suffix in _HEAD_OUTPUTS:
-        hits = [k for k in shapes if k.endswith(suffix) and "lora_" not in k]
+    for suffix in head_outputs():
+        # Whole name components only: DistilBERT's pre_classifier.weight is not its classifier's.
+        hits = [k for k in shapes if (k == suffix or k.endswith("." + suffix)) and "lora_" not in k]
         if hits:
             return int(shapes[hits[0]][0])
     return None
