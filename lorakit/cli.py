@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from lorakit.errors import Interrupted, UserError
+from lorakit.serve import flags
 
 app = typer.Typer(
     add_completion=False,
@@ -259,13 +260,47 @@ def serve(
     summary_every: Annotated[
         float, typer.Option("--summary-every", help="Seconds between summary lines (rows/s, waits).")
     ] = 60.0,
+    api_key: flags.ApiKeys = None,
+    admin_key: flags.AdminKeys = None,
+    insecure: flags.Insecure = False,
+    adapter_root: flags.AdapterRoot = None,
+    max_adapters: flags.MaxAdapters = 64,
+    max_body_bytes: flags.MaxBodyBytes = 2 * 1024 * 1024,
+    max_input_chars: flags.MaxInputChars = 20_000,
+    max_new_tokens: flags.MaxNewTokens = 256,
+    max_queue_rows: flags.MaxQueueRows = 4096,
+    request_timeout_s: flags.RequestTimeout = 30.0,
+    max_connections: flags.MaxConnections = 256,
+    public_metrics: flags.PublicMetrics = False,
 ) -> None:
     """Serve many adapters on one base model over HTTP (OpenAPI page at /docs) until SIGINT/SIGTERM."""
+    from lorakit.serve import ServeOptions
     from lorakit.serve import serve as run_server
+    from lorakit.serve.options import ADMIN_KEY_ENV, KEY_ENV, keys_from_env
 
-    run_server(
-        adapter, base, host, port, max_batch_size, max_wait_ms, max_inputs, merged, log_level, summary_every
+    options = ServeOptions(
+        host=host,
+        port=port,
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        max_inputs=max_inputs,
+        merged=merged,
+        log_level=log_level,
+        summary_every=summary_every,
+        api_keys=keys_from_env(list(api_key or []), KEY_ENV),
+        admin_keys=keys_from_env(list(admin_key or []), ADMIN_KEY_ENV),
+        insecure=insecure,
+        adapter_root=adapter_root,
+        max_adapters=max_adapters,
+        max_body_bytes=max_body_bytes,
+        max_input_chars=max_input_chars,
+        max_new_tokens=max_new_tokens,
+        max_queue_rows=max_queue_rows,
+        request_timeout_s=request_timeout_s,
+        max_connections=max_connections,
+        public_metrics=public_metrics,
     )
+    run_server(adapter, base, options)
 
 
 @app.command()

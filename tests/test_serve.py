@@ -121,6 +121,7 @@ class Server:
 def server(runs: dict) -> Server:
     """Mixed batches of at most 8 rows, requests of at most 10 inputs, a debug log, a summary a second."""
     options = ("--max-batch-size", "8", "--max-wait-ms", "50", "--max-inputs", "10")
+    options += ("--adapter-root", str(runs["root"]))  # loopback, no keys: anyone may load from the root
     server = Server(
         runs, SERVED, runs["root"] / "fast.log", *options, "--log-level", "debug", "--summary-every", "1"
     )
@@ -132,7 +133,8 @@ def server(runs: dict) -> Server:
 def slow_server(runs: dict) -> Server:
     """One merged base copy per adapter, and a request waits 1.5 s for company: long enough to act while
     requests are queued."""
-    server = Server(runs, SERVED, runs["root"] / "slow.log", "--merged", "--max-wait-ms", "1500")
+    options = ("--merged", "--max-wait-ms", "1500", "--adapter-root", str(runs["root"]))
+    server = Server(runs, SERVED, runs["root"] / "slow.log", *options)
     yield server
     server.stop()
 
@@ -254,14 +256,14 @@ def test_adapters_load_and_unload_while_serving(
         listed = {a["name"]: a for a in client.get("/v1/adapters").json()["adapters"]}
         assert list(listed) == list(SERVED)
         assert listed["sst2"] | {"bytes": 0} == {
-            "name": "sst2", "path": str(runs["sst2"]), "task": "sst2", "kind": "classification",
+            "name": "sst2", "path": "sst2", "task": "sst2", "kind": "classification",
             "num_labels": 2, "rank": 4, "alpha": 8.0, "targets": ["query", "value"], "bytes": 0,
         }  # fmt: skip
         assert listed["stsb"]["kind"] == "regression" and listed["stsb"]["targets"] == ["value"]
         assert listed["three"]["num_labels"] == 3 and listed["three"]["task"] is None
         assert all(a["bytes"] > 0 for a in listed.values())
 
-        loaded = client.post("/v1/adapters", json={"name": "mrpc", "path": str(runs["mrpc"])})
+        loaded = client.post("/v1/adapters", json={"name": "mrpc", "path": "mrpc"})
         assert loaded.status_code == 201, loaded.text
         assert loaded.json()["rank"] == 8 and loaded.json()["targets"] == ["key", "query", "value"]
         request = {"adapter": "mrpc", "inputs": runs["rows"]["mrpc"][:10]}
@@ -269,13 +271,16 @@ def test_adapters_load_and_unload_while_serving(
         assert answer.status_code == 200, answer.text
         _same(answer.json()["outputs"], _reference(runs, [request], tmp_path, capsys)[0])
 
-        again = client.post("/v1/adapters", json={"name": "mrpc", "path": str(runs["mrpc"])})
+        again = client.post("/v1/adapters", json={"name": "mrpc", "path": "mrpc"})
         assert "loaded already" in _detail(again, 409)
-        not_adapter = client.post("/v1/adapters", json={"name": "x", "path": str(tmp_path)})
+        (runs["root"] / "not-an-adapter").mkdir(exist_ok=True)
+        not_adapter = client.post("/v1/adapters", json={"name": "x", "path": "not-an-adapter"})
         assert "no adapter" in _detail(not_adapter, 422)
-        other_base = client.post("/v1/adapters", json={"name": "y", "path": str(runs["other"])})
-        assert "hidden_size 48 here, 32 there" in _detail(other_base, 422)
-        _detail(client.post("/v1/adapters", json={"name": "bad name", "path": str(runs["mrpc"])}), 422)
+        other_base = client.post("/v1/adapters", json={"name": "y", "path": "other"})
+        assert "another base model" in _detail(other_base, 422)
+        outside = client.post("/v1/adapters", json={"name": "z", "path": str(runs["mrpc"])})
+        assert "relative to the adapter root" in _detail(outside, 403)  # an absolute path
+        _detail(client.post("/v1/adapters", json={"name": "bad name", "path": "mrpc"}), 422)
 
         removed = client.delete("/v1/adapters/mrpc")
         assert removed.status_code == 200 and removed.json()["name"] == "mrpc"

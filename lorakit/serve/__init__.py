@@ -1,8 +1,10 @@
 """``lorakit serve``: one process, one base model, every task's adapter beside it, over HTTP.
 
-``batcher``: rows of concurrent requests gathered into mixed-task batches on one worker thread; ``app``:
-the FastAPI routes and their errors; here: checking the options, loading the model and running uvicorn
-until SIGINT or SIGTERM. Needs the ``serve`` extra (FastAPI and uvicorn).
+``batcher``: rows of concurrent requests gathered into mixed-task batches on one worker thread, in a
+queue bounded in rows; ``app``: the FastAPI routes; ``asgi``, ``auth``, ``limits``: request ids and 500s,
+API keys, the body limit; ``admin``: loading adapters contained in ``--adapter-root``; ``metrics``:
+Prometheus; ``options``: every option checked. Here: loading the model and running uvicorn until SIGINT
+or SIGTERM. Needs the ``serve`` extra (FastAPI, uvicorn, prometheus-client).
 """
 
 from __future__ import annotations
@@ -13,45 +15,18 @@ import signal
 from collections.abc import Sequence
 
 from lorakit.errors import UserError
+from lorakit.serve.options import ServeOptions, check_generation_length, check_options
 
-__all__ = ["serve"]
-LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
-def _check_options(
-    max_batch_size: int, max_wait_ms: float, max_inputs: int, port: int, level: str, summary_every: float
-) -> None:
-    if max_batch_size < 1:
-        raise UserError("must be at least 1", where="--max-batch-size")
-    if max_wait_ms < 0:
-        raise UserError("must be at least 0", where="--max-wait-ms")
-    if max_inputs < 1:
-        raise UserError("must be at least 1", where="--max-inputs")
-    if not 0 <= port <= 65535:
-        raise UserError("must be a port number, 0 to 65535", where="--port")
-    if summary_every <= 0:
-        raise UserError("must be more than 0 seconds", where="--summary-every")
-    if level not in LOG_LEVELS:
-        raise UserError(f"expected one of {', '.join(LOG_LEVELS)}", where="--log-level")
+__all__ = ["ServeOptions", "serve"]
 
 
-def serve(
-    specs: Sequence[str],
-    base: str | None = None,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    max_batch_size: int = 64,
-    max_wait_ms: float = 5.0,
-    max_inputs: int = 1024,
-    merged: bool = False,
-    log_level: str = "info",
-    summary_every: float = 60.0,
-) -> None:
+def serve(specs: Sequence[str], base: str | None = None, options: ServeOptions | None = None) -> None:
     """Load the base model with the adapters ``specs`` (``NAME=RUN_DIR``) and serve them over HTTP until
     SIGINT or SIGTERM: then stop accepting, finish the requests in flight, and return.
 
-    ``merged``: each adapter merged into its own base copy instead (one full model per task in memory);
-    ``summary_every``: seconds between the info-level summary lines."""
+    ``options.merged``: each adapter merged into its own base copy instead (one full model per task in
+    memory); ``options.summary_every``: seconds between the info-level summary lines."""
+    o = options or ServeOptions()
     try:
         import uvicorn
 
@@ -61,25 +36,36 @@ def serve(
         raise UserError(hint, where="lorakit serve") from None
     from lorakit.predict import MergedPredictor, Predictor, read_sources
     from lorakit.serve.batcher import Batcher
+    from lorakit.serve.metrics import Metrics
 
-    _check_options(max_batch_size, max_wait_ms, max_inputs, port, log_level, summary_every)
+    check_options(o)
     if not specs:
         raise UserError("name at least one adapter", where="--adapter")
+    if len(specs) > o.max_adapters:
+        raise UserError(f"{len(specs)} adapters, more than {o.max_adapters}", where="--max-adapters")
     sources = list(read_sources(specs, base, None).values())
-    predictor = (MergedPredictor if merged else Predictor)(sources, base)
-    batcher = Batcher(predictor, max_batch_size, max_wait_ms, summary_every)
-    service = Service(predictor, batcher, base, max_inputs)
+    for source in sources:
+        check_generation_length(source, o.max_new_tokens)
+    predictor = (MergedPredictor if o.merged else Predictor)(sources, base)
+    metrics = Metrics()
+    batcher = Batcher(predictor, o.max_batch_size, o.max_wait_ms, o.summary_every, o.max_queue_rows, metrics)
+    service = Service(predictor, batcher, base, o, metrics)
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    ours = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
+    # Log lines carry their time: the audit lines of adapter administration say when.
+    log_config["formatters"]["default"]["fmt"] = "%(asctime)s %(levelprefix)s %(message)s"
+    ours = {"handlers": ["default"], "level": o.log_level.upper(), "propagate": False}
     log_config["loggers"]["lorakit"] = ours
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(service),
-            host=host,
-            port=port,
+            host=o.host,
+            port=o.port,
             log_config=log_config,
-            log_level=log_level,
-            access_log=log_level == "debug",  # one line per request is the batch lines' job, at debug
+            log_level=o.log_level,
+            access_log=o.log_level == "debug",  # one line per request is the batch lines' job, at debug
+            # Open connections are bounded (503 past it): each holds at most --max-body-bytes of body.
+            limit_concurrency=o.max_connections,
+            server_header=False,
         )
     )
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again under the handler that
@@ -93,5 +79,5 @@ def serve(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if not server.started:
-        raise RuntimeError(f"could not serve on {host}:{port} (the log line above says why)")
+        raise RuntimeError(f"could not serve on {o.host}:{o.port} (the log line above says why)")
     logging.getLogger("lorakit.serve").info("stopped")

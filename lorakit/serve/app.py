@@ -1,110 +1,65 @@
 """The HTTP API of ``lorakit serve``: a FastAPI app over one predictor and its batcher.
 
     POST   /v1/predict          {"adapter": NAME, "inputs": [{"text": ..., "text_pair": ...}]}
-    GET    /v1/adapters         the adapters loaded
-    POST   /v1/adapters         {"name": NAME, "path": RUN_DIR}: load one more while serving
-    DELETE /v1/adapters/NAME    unload one (requests queued for it before finish first)
-    GET    /health              200 once the base and its adapters are loaded
+    GET    /v1/adapters         the adapters loaded (paths relative to --adapter-root, never absolute)
+    POST   /v1/adapters         {"name": NAME, "path": DIR under --adapter-root}: load one more (admin)
+    DELETE /v1/adapters/NAME    unload one, after the requests queued for it (admin)
+    GET    /metrics             Prometheus text format
+    GET    /health              200 once the base and its adapters are loaded; never needs a key
 
-Every error body is ``{"detail": "<one line>"}``: 404 an unknown adapter, 409 a name already loaded, 413 more
-inputs than the limit, 422 a body that does not match the schema (or an adapter directory that does not fit
-the base), 500 a failure while predicting; the server goes on serving after each.
+Layers, outermost first: request ids, latency metrics and 500s (``asgi``); API keys (``auth``); the body
+limit (``limits``); the routes. Every error body is ``{"detail": "<one line>"}``; ``schemas.ERRORS`` says
+which status means what, and the OpenAPI schema lists them route by route with the bearer scheme.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorakit.errors import UserError
 from lorakit.lora import BrokenFileError
 from lorakit.predict import AdapterSource, MergedPredictor, Predictor, Row, check_prompts, read_source
-from lorakit.serve.batcher import Batcher
+from lorakit.serve import admin
+from lorakit.serve.asgi import RequestMiddleware
+from lorakit.serve.auth import AuthMiddleware, Keys, Principal
+from lorakit.serve.batcher import Batcher, QueueFull
+from lorakit.serve.limits import BodyLimitMiddleware, Rejected, check_inputs
+from lorakit.serve.metrics import Metrics
+from lorakit.serve.options import ServeOptions, check_generation_length
+from lorakit.serve.schemas import (
+    AdapterInfo,
+    AdapterList,
+    Health,
+    LoadRequest,
+    PredictRequest,
+    PredictResponse,
+    errors,
+)
 
 log = logging.getLogger("lorakit.serve")
-NAME_PATTERN = r"^[A-Za-z0-9_.\-]+$"
-
-
-class InputRow(BaseModel):
-    """One input: a text, and a second text for pair tasks (MRPC, STS-B, MNLI...)."""
-
-    model_config = ConfigDict(extra="forbid")
-    text: str = Field(min_length=1)
-    text_pair: str | None = None
-
-
-class PredictRequest(BaseModel):
-    """Inputs for one adapter."""
-
-    model_config = ConfigDict(extra="forbid")
-    adapter: str
-    inputs: list[InputRow] = Field(min_length=1)
-
-
-class OutputRow(BaseModel):
-    """One output, the row ``lorakit predict`` writes: the label index (classification), the score
-    (regression), the multi-hot row (multilabel) or the text (generation); its label name(s); the head's
-    raw outputs."""
-
-    adapter: str
-    prediction: int | float | str | list[int]
-    readable: str | float | list[str]
-    scores: list[float] | None
-
-
-class PredictResponse(BaseModel):
-    """One output per input, in the inputs' order."""
-
-    adapter: str
-    outputs: list[OutputRow]
-
-
-class AdapterInfo(BaseModel):
-    """A loaded adapter: its directory, task, head, LoRA shape and the bytes its own tensors take."""
-
-    name: str
-    path: str
-    task: str | None
-    kind: str
-    num_labels: int
-    rank: int
-    alpha: float
-    targets: list[str]
-    bytes: int
-
-
-class AdapterList(BaseModel):
-    """Every adapter loaded, in loading order."""
-
-    adapters: list[AdapterInfo]
-
-
-class LoadRequest(BaseModel):
-    """An adapter to load: its name and its run (or PEFT adapter) directory on the server's disk."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=NAME_PATTERN, max_length=100)
-    path: str = Field(min_length=1)
 
 
 @dataclass
 class Service:
     """What the app serves: the predictor (touched on the batcher's worker thread only) and, on the event
-    loop's side, the adapters requests may name."""
+    loop's side, the adapters requests may name, the options, the keys and the metrics."""
 
     predictor: Predictor | MergedPredictor
     batcher: Batcher
     base: str | None = None  # --base as given, for PEFT directories loaded later
-    max_inputs: int = 1024
+    options: ServeOptions = field(default_factory=ServeOptions)
+    metrics: Metrics = field(default_factory=Metrics)
     sources: dict[str, AdapterSource] = field(default_factory=dict)
     adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
     loading: set[str] = field(default_factory=set)
@@ -112,12 +67,27 @@ class Service:
     def __post_init__(self) -> None:
         self.sources = dict(self.predictor.sources)
         self.adapters = {name: dict(info) for name, info in self.predictor.info.items()}
+        self.metrics.adapters.set(len(self.adapters))
 
-    def load(self, name: str, path: str) -> tuple[AdapterSource, dict[str, Any]]:
-        """Read and load one adapter (on the worker thread); UserError when it does not fit."""
-        source = read_source(f"{name}={path}", self.base, None, where=f"adapter {name!r} ({path})")
+    def load(self, name: str, directory: Any) -> tuple[AdapterSource, dict[str, Any]]:
+        """Check one adapter against the base from its headers, then load it (on the worker thread);
+        UserError when it does not fit."""
+        source = read_source(f"{name}={directory}", self.base, None, where=f"adapter {name!r}")
+        check_generation_length(source, self.options.max_new_tokens)
+        if not admin.same_base(source.base, self.predictor.base):  # a base elsewhere is not even read
+            raise UserError(f"trained on another base model than the one served ({source.base!r})")
+        model = (
+            self.predictor.model
+            if isinstance(self.predictor, Predictor)
+            else next(iter(self.predictor.parts.values())).model
+        )
+        admin.check_against_base(model, source.path)
         self.predictor.add(source)
         return source, dict(self.predictor.info[name])
+
+    def public_info(self, info: dict[str, Any]) -> dict[str, Any]:
+        """An adapter as listed: its path relative to the root, never absolute."""
+        return admin.info_for_client(info, self.options.adapter_root)
 
 
 def _one_line(text: object) -> str:
@@ -125,15 +95,17 @@ def _one_line(text: object) -> str:
 
 
 def _validation_detail(exc: RequestValidationError) -> str:
-    errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    found = exc.errors()
+    first = found[0] if found else {"loc": (), "msg": "invalid request"}
     where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return _one_line(f"{where}: {first.get('msg')}{more}")
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    return _one_line(f"{where}: {first.get('msg')}{more}")[:500]
 
 
 def create_app(service: Service) -> FastAPI:
     """The FastAPI app serving ``service``; its lifespan starts and stops the batcher."""
+    options, metrics = service.options, service.metrics
+    keys = Keys(options.api_keys, options.admin_keys)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -147,36 +119,62 @@ def create_app(service: Service) -> FastAPI:
         summary="Many LoRA task adapters on one base model, answered from shared mixed-task batches.",
         lifespan=lifespan,
     )
+    # The middleware added last runs first: request ids and metrics, then keys, then the body limit.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=options.max_body_bytes, metrics=metrics)
+    public = {("GET", "/health")} | ({("GET", "/metrics")} if options.public_metrics else set())
+    app.add_middleware(AuthMiddleware, keys=keys, public=public, metrics=metrics)
+    app.add_middleware(RequestMiddleware, metrics=metrics)
+    # The middleware enforces the keys; this dependency puts the bearer scheme into the OpenAPI schema.
+    secured = [Depends(HTTPBearer(auto_error=False))] if keys.on else []
+    secured_metrics = [] if options.public_metrics else secured
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.reject("invalid")
         return JSONResponse({"detail": _validation_detail(exc)}, 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"detail": _one_line(exc.detail)}, exc.status_code, headers=exc.headers)
+        if isinstance(exc, Rejected):
+            metrics.reject(exc.reason)
+        detail = admin.scrub(_one_line(exc.detail), options.adapter_root)[:500]
+        return JSONResponse({"detail": detail}, exc.status_code, headers=exc.headers)
 
-    @app.exception_handler(Exception)
-    async def _failed(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": _one_line(f"{type(exc).__name__}: {exc}")[:500]}, 500)
-
-    def unknown(name: str) -> HTTPException:
+    def unknown(name: str) -> Rejected:
         served = ", ".join(service.adapters) or "none"
-        return HTTPException(404, f"unknown adapter {name!r} (served: {served})")
+        return Rejected(404, "unknown_adapter", f"unknown adapter {name!r} (served: {served})")
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health, responses=errors())
     async def health() -> dict[str, Any]:
         """200 once the base model and its adapters are loaded (the server listens only then)."""
         return {"status": "ok", "adapters": len(service.adapters)}
 
-    @app.post("/v1/predict", response_model=PredictResponse)
+    @app.get(
+        "/metrics",
+        dependencies=secured_metrics,
+        responses={
+            200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Metrics."},
+            **errors(*([401] if secured_metrics else [])),
+        },
+        response_class=Response,
+    )
+    async def prometheus() -> Response:
+        """Prometheus text format: queue rows, batch rows, latency by route and status, rows by adapter,
+        rejected requests by reason, adapters loaded."""
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    auth_codes = [401] if keys.on else []
+
+    @app.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        dependencies=secured,
+        responses=errors(*auth_codes, 404, 413, 422, 429, 503),
+    )
     async def predict(body: PredictRequest) -> dict[str, Any]:
         """Predict every input with one adapter; rows of concurrent requests share batches."""
-        if len(body.inputs) > service.max_inputs:
-            raise HTTPException(
-                413,
-                f"{len(body.inputs)} inputs, more than the limit of {service.max_inputs} (--max-inputs)",
-            )
+        check_inputs(body.inputs, options.max_inputs, options.max_input_chars)
         source = service.sources.get(body.adapter)
         if source is None:
             raise unknown(body.adapter)
@@ -186,43 +184,95 @@ def create_app(service: Service) -> FastAPI:
         try:
             check_prompts({body.adapter: source}, rows)  # generation prompts; nothing for classifiers
         except UserError as exc:
-            raise HTTPException(422, str(exc)) from None
-        # Queued before this handler yields: a DELETE that comes later finds it in the queue.
-        outputs = await service.batcher.predict(rows)
+            raise Rejected(422, "invalid", str(exc)) from None
+        try:
+            # Queued before this handler yields: a DELETE that comes later finds it in the queue.
+            queued = service.batcher.submit(rows)
+        except QueueFull as exc:
+            raise Rejected(
+                429, "queue_full", f"busy: {exc} (--max-queue-rows)", {"Retry-After": "1"}
+            ) from None
+        try:
+            outputs = await asyncio.wait_for(asyncio.shield(queued.future), options.request_timeout_s)
+        except asyncio.TimeoutError:  # not the builtin before Python 3.11
+            if service.batcher.drop(queued):
+                limit = f"{options.request_timeout_s:g} s (--request-timeout-s)"
+                raise Rejected(503, "timeout", f"queued longer than {limit}; dropped") from None
+            outputs = await queued.future  # started already: it is answered
         return {"adapter": body.adapter, "outputs": outputs}
 
-    @app.get("/v1/adapters", response_model=AdapterList)
+    @app.get("/v1/adapters", response_model=AdapterList, dependencies=secured, responses=errors(*auth_codes))
     async def list_adapters() -> dict[str, Any]:
         """The adapters loaded, in loading order."""
-        return {"adapters": list(service.adapters.values())}
+        return {"adapters": [service.public_info(info) for info in service.adapters.values()]}
 
-    @app.post("/v1/adapters", response_model=AdapterInfo, status_code=201)
-    async def load_adapter(body: LoadRequest) -> dict[str, Any]:
-        """Load one more adapter beside the others (it must share their base); requests may name it once
-        this answers."""
-        if body.name in service.adapters or body.name in service.loading:
-            raise HTTPException(409, f"an adapter named {body.name!r} is loaded already")
-        service.loading.add(body.name)
+    def administrator(request: Request, action: str, name: str, path: str | None) -> Principal:
+        principal: Principal = request.state.principal
+        refusal = None
+        if options.adapter_root is None:
+            refusal = "adapter administration is off: start the server with --adapter-root DIR"
+        elif not principal.admin:
+            refusal = "this key may not load or unload adapters: use an --admin-key"
+        if refusal is not None:
+            admin.record(principal.key_id, action, name, path, f"refused (403: {refusal})")
+            raise Rejected(403, "forbidden", refusal)
+        return principal
+
+    admin_codes = [*auth_codes, 403]
+
+    @app.post(
+        "/v1/adapters",
+        response_model=AdapterInfo,
+        status_code=201,
+        dependencies=secured,
+        responses=errors(*admin_codes, 409, 413, 422),
+    )
+    async def load_adapter(body: LoadRequest, request: Request) -> dict[str, Any]:
+        """Load one more adapter from a directory under --adapter-root (it must share the base); requests
+        may name it once this answers."""
+        who = administrator(request, "load", body.name, body.path).key_id
+        assert options.adapter_root is not None
         try:
-            source, info = await service.batcher.call(lambda: service.load(body.name, body.path))
-        except (UserError, BrokenFileError) as exc:
-            raise HTTPException(422, str(exc)) from None
-        finally:
-            service.loading.discard(body.name)
+            if body.name in service.adapters or body.name in service.loading:
+                raise Rejected(409, "conflict", f"an adapter named {body.name!r} is loaded already")
+            if len(service.adapters) + len(service.loading) >= options.max_adapters:
+                limit = f"{options.max_adapters} adapters are loaded (--max-adapters); unload one first"
+                raise Rejected(409, "conflict", limit)
+            directory = admin.contained_adapter_dir(options.adapter_root, body.path)
+            service.loading.add(body.name)
+            try:
+                source, info = await service.batcher.call(lambda: service.load(body.name, directory))
+            except (UserError, BrokenFileError) as exc:
+                raise Rejected(422, "invalid", str(exc)) from None
+            finally:
+                service.loading.discard(body.name)
+        except Rejected as exc:
+            admin.record(who, "load", body.name, body.path, f"refused ({exc.status_code})")
+            raise
         service.sources[body.name] = source
         service.adapters[body.name] = info
-        log.info("loaded adapter %s from %s (%d bytes)", body.name, body.path, info["bytes"])
-        return info
+        metrics.adapters.set(len(service.adapters))
+        admin.record(who, "load", body.name, body.path, f"loaded ({info['bytes']} bytes)")
+        return service.public_info(info)
 
-    @app.delete("/v1/adapters/{name}", response_model=AdapterInfo)
-    async def unload_adapter(name: str) -> dict[str, Any]:
+    @app.delete(
+        "/v1/adapters/{name}",
+        response_model=AdapterInfo,
+        dependencies=secured,
+        responses=errors(*admin_codes, 404),
+    )
+    async def unload_adapter(name: str, request: Request) -> dict[str, Any]:
         """Unload an adapter: requests already queued for it finish first, later ones get 404."""
+        who = administrator(request, "unload", name, None).key_id
         if name not in service.adapters:
+            admin.record(who, "unload", name, None, "refused (404)")
             raise unknown(name)
         info = service.adapters.pop(name)
         del service.sources[name]
         await service.batcher.call(lambda: service.predictor.remove(name))
-        log.info("unloaded adapter %s", name)
-        return info
+        metrics.adapters.set(len(service.adapters))
+        metrics.forget_adapter(name)
+        admin.record(who, "unload", name, None, "unloaded")
+        return service.public_info(info)
 
     return app

@@ -6,6 +6,10 @@ A batch starts with the oldest waiting request and takes every request queued be
 the model computes, new requests queue up, and the next batch takes them at once. A request larger than
 ``max_batch_size`` runs alone (in chunks of that size). Changes to the adapter set (``call``) queue with
 the requests: everything queued before one runs first, nothing queued after it runs before it is done.
+
+The queue is bounded in rows (``max_queue_rows``): ``submit`` refuses a request that would pass the bound
+(``QueueFull``) rather than queue it, and ``drop`` takes a request that has not started out of the queue
+(a request timed out): the rows held waiting never exceed the bound, whatever the burst.
 """
 
 from __future__ import annotations
@@ -14,13 +18,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from lorakit.predict import Output, Row
+from lorakit.serve.metrics import Metrics
 
 log = logging.getLogger("lorakit.serve")
 
@@ -31,11 +36,17 @@ class RowPredictor(Protocol):
     def predict(self, rows: Sequence[Row], batch_size: int = 64) -> list[Output]: ...
 
 
-@dataclass
+class QueueFull(Exception):
+    """The queue holds too many rows to take a request now."""
+
+
+@dataclass(eq=False)  # compared by identity: deque.remove finds this very request
 class _Request:
     rows: Sequence[Row]
     future: asyncio.Future[list[Output]]
     queued: float  # loop time
+    started: bool = False  # in a batch on the worker thread: no longer droppable
+    released: bool = False  # its rows no longer count as queued
 
 
 @dataclass
@@ -76,6 +87,8 @@ class Batcher:
         max_batch_size: int = 64,
         max_wait_ms: float = 5.0,
         summary_every_s: float = 60.0,
+        max_queue_rows: int | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if max_batch_size < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_size must be at least 1 and max_wait_ms at least 0")
@@ -84,20 +97,24 @@ class Batcher:
         self.max_wait = max_wait_ms / 1000
         self.summary_every_s = summary_every_s
         self.summary = Summary()
+        self.max_queue_rows = max_queue_rows
+        self.metrics = metrics
+        self.queued_rows = 0  # rows of requests queued and not started (nor dropped)
         # One thread: the model is never run by two threads at once, and adapter changes never race a batch.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-model")
-        self._queue: asyncio.Queue[_Request | _Call] | None = None
+        self._items: deque[_Request | _Call] = deque()
+        self._ready: asyncio.Event | None = None  # set when an item is queued
         self._held: _Request | _Call | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         """Start gathering batches (in the running event loop)."""
-        self._queue = asyncio.Queue()
+        self._ready = asyncio.Event()
         self._tasks = [asyncio.create_task(self._serve()), asyncio.create_task(self._summaries())]
 
     async def stop(self) -> None:
         """Finish what is queued, then stop the loop tasks and the worker thread."""
-        if self._queue is not None:
+        if self._ready is not None:
             await self.call(lambda: None)  # queued behind every request still waiting
         for task in self._tasks:
             task.cancel()
@@ -108,36 +125,79 @@ class Batcher:
         if self.summary.rows:
             log.info("served %s", self.summary.line())
 
-    def predict(self, rows: Sequence[Row]) -> asyncio.Future[list[Output]]:
-        """Queue ``rows`` now (in call order); the future gives one output per row, in order."""
-        assert self._queue is not None, "start() the batcher first"
+    def submit(self, rows: Sequence[Row]) -> _Request:
+        """Queue ``rows`` now (in call order); the request's future gives one output per row, in order.
+        QueueFull, with nothing queued, when they would take the queue past ``max_queue_rows``."""
+        assert self._ready is not None, "start() the batcher first"
+        if self.max_queue_rows is not None and self.queued_rows + len(rows) > self.max_queue_rows:
+            raise QueueFull(f"{self.queued_rows} rows queued, the limit is {self.max_queue_rows}")
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[Output]] = loop.create_future()
-        self._queue.put_nowait(_Request(rows, future, loop.time()))
-        return future
+        request = _Request(rows, loop.create_future(), loop.time())
+        self.queued_rows += len(rows)
+        self._gauge()
+        self._put(request)
+        return request
+
+    def predict(self, rows: Sequence[Row]) -> asyncio.Future[list[Output]]:
+        """``submit``'s future alone."""
+        return self.submit(rows).future
+
+    def drop(self, request: _Request) -> bool:
+        """Take a request out of the queue unless it has started (then False: it will be answered)."""
+        if request.started:
+            return False
+        with contextlib.suppress(ValueError):
+            self._items.remove(request)
+        if self._held is request:
+            self._held = None
+        self._release(request)
+        request.future.cancel()
+        return True
 
     def call(self, action: Callable[[], Any]) -> asyncio.Future[Any]:
         """Run ``action`` on the worker thread after everything queued so far; the future gives its result."""
-        assert self._queue is not None, "start() the batcher first"
+        assert self._ready is not None, "start() the batcher first"
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Call(action, future))
+        self._put(_Call(action, future))
         return future
 
+    def _put(self, item: _Request | _Call) -> None:
+        assert self._ready is not None
+        self._items.append(item)
+        self._ready.set()
+
+    def _release(self, request: _Request) -> None:
+        if not request.released:
+            request.released = True
+            self.queued_rows -= len(request.rows)
+            self._gauge()
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_rows.set(self.queued_rows)
+
     async def _next(self, timeout: float | None) -> _Request | _Call | None:
-        assert self._queue is not None
+        """The next item (None when ``timeout`` seconds pass first); dropped requests are skipped."""
+        assert self._ready is not None
         if self._held is not None:
             item, self._held = self._held, None
             return item
-        if timeout is None:
-            return await self._queue.get()
-        with contextlib.suppress(asyncio.QueueEmpty):
-            return self._queue.get_nowait()
-        if timeout <= 0:
-            return None
-        try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
-        except asyncio.TimeoutError:  # not the builtin before Python 3.11
-            return None
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            while self._items:
+                item = self._items.popleft()
+                if isinstance(item, _Call) or not item.future.done():
+                    return item
+                self._release(item)  # answered already (its client went away)
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                return None
+            self._ready.clear()
+            try:
+                await asyncio.wait_for(self._ready.wait(), left)
+            except asyncio.TimeoutError:  # not the builtin before Python 3.11
+                return None
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -169,9 +229,13 @@ class Batcher:
 
     async def _run_batch(self, batch: list[_Request]) -> None:
         loop = asyncio.get_running_loop()
-        live = [r for r in batch if not r.future.done()]  # a client that went away needs no answer
+        for request in batch:
+            self._release(request)
+        live = [r for r in batch if not r.future.done()]  # dropped, or its client went away
         if not live:
             return
+        for request in live:
+            request.started = True
         rows = [row for request in live for row in request.rows]
         started = loop.time()
         waits = [(started - r.queued) * 1000 for r in live]
@@ -189,6 +253,10 @@ class Batcher:
         for request in live:
             _settle(request.future, outputs[offset : offset + len(request.rows)])
             offset += len(request.rows)
+        if self.metrics is not None:
+            self.metrics.batch_rows.observe(len(rows))
+            for name, n in Counter(r.adapter for r in rows).items():
+                self.metrics.rows.labels(name).inc(n)
         self.summary.rows += len(rows)
         self.summary.batches += 1
         self.summary.largest = max(self.summary.largest, len(rows))
