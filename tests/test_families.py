@@ -288,3 +288,41 @@ def test_train_a_tiny_llama_classifier_on_sst2_and_peft_reloads_it(tmp_path: Pat
         ours = prepared.model(**batch).logits
     assert max_diff(ours, theirs) <= 1e-5
     assert max_diff(theirs, before) > 1e-4  # the run trained the head and LoRA: the file carries them
+
+
+def test_bart_classifier_trains_its_classification_head_and_peft_reads_it(tmp_path: Path) -> None:
+    """BART (encoder-decoder) pools the last EOS token: every row ends with one EOS. The paper's q/v in the
+    encoder, the decoder and its cross-attention; the fresh ``classification_head`` saved with the adapter."""
+    from transformers import BartConfig, BartForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BartConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        pad_token_id=1, eos_token_id=2, bos_token_id=0,
+    )  # fmt: skip
+    base = BartForSequenceClassification(config).eval()
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (3, 9), generator=gen)
+    ids[:, -1] = 2
+    ids[1, 5], ids[1, 6:] = 2, 1  # a shorter row: EOS, then padding
+    batch = {"input_ids": ids, "attention_mask": (ids != 1).long()}
+    model = copy.deepcopy(base)
+    heads = seq_cls_heads("bart")
+    assert heads == ["classification_head"]
+    config = lora_defaults(model, LoraConfig(r=4, alpha=8, modules_to_save=heads))
+    adapted = inject_lora(model, config)
+    assert len(adapted) == 2 * 2 + 2 * 2 * 2  # q, v: 2 encoder layers; 2 decoder layers, self and cross
+    assert all(n.endswith(("q_proj", "v_proj")) for n in adapted)
+    mark_trainable(model, config.bias, heads)
+    randomize_lora(model)
+    perturb_heads(model, heads)
+    with torch.no_grad():
+        ours = model(**batch).logits
+    save_adapter(model, tmp_path, config, base_model_name_or_path="tiny", task_type="SEQ_CLS")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    with torch.no_grad():
+        assert max_diff(ours, theirs(**batch).logits) <= 1e-5
+        assert max_diff(ours, base(**batch).logits) > 1e-3
+        merged = unload_lora(model, merge=True)
+        assert max_diff(ours, merged(**batch).logits) <= 1e-5

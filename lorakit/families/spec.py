@@ -185,6 +185,10 @@ FAMILIES: Mapping[str, FamilySpec] = MappingProxyType(
             t: _spec(paper_targets=_QV, seq_cls_heads=_SCORE, head_output="score")
             for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "opt")
         },
+        # BART's classifier reads the last EOS token's state through ``classification_head`` (dense, tanh,
+        # ``out_proj``), fresh in its pretrained checkpoints; q_proj/v_proj name the encoder's and decoder's
+        # self-attention and the decoder's cross-attention alike, as PEFT's suffix match adapts them.
+        "bart": _spec(paper_targets=_QV, seq_cls_heads=("classification_head",), head_output="out_proj"),
         # Grouped-query attention: k and v narrower than q, by the checkpoint's head counts (Phi-3-mini's
         # qkv_proj is 3072 | 3072 | 3072, Phi-3-medium's 5120 | 1280 | 1280).
         "phi3": _spec(
