@@ -232,34 +232,16 @@ def predict(
 
 @app.command()
 def serve(
-    adapter: Annotated[
-        list[str],
-        typer.Option(
-            "--adapter", help="NAME=RUN_DIR: a lorakit run or a PEFT adapter directory (repeatable)."
-        ),
-    ],
-    base: Annotated[
-        str | None, typer.Option("--base", help="The base model (for PEFT directories without a recipe).")
-    ] = None,
-    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
-    max_batch_size: Annotated[
-        int, typer.Option("--max-batch-size", help="Most rows in one mixed-task forward pass.")
-    ] = 64,
-    max_wait_ms: Annotated[
-        float, typer.Option("--max-wait-ms", help="Longest a request waits for others to share its batch.")
-    ] = 5.0,
-    max_inputs: Annotated[
-        int, typer.Option("--max-inputs", help="Most inputs in one request (more: 413).")
-    ] = 1024,
-    merged: Annotated[
-        bool,
-        typer.Option("--merged", help="One merged base copy per adapter (more memory, no LoRA per row)."),
-    ] = False,
-    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
-    summary_every: Annotated[
-        float, typer.Option("--summary-every", help="Seconds between summary lines (rows/s, waits).")
-    ] = 60.0,
+    adapter: flags.Adapters,
+    base: flags.Base = None,
+    host: flags.Host = "127.0.0.1",
+    port: flags.Port = 8000,
+    max_batch_size: flags.MaxBatchSize = 64,
+    max_wait_ms: flags.MaxWaitMs = 5.0,
+    max_inputs: flags.MaxInputs = 1024,
+    merged: flags.Merged = False,
+    log_level: flags.LogLevel = "info",
+    summary_every: flags.SummaryEvery = 60.0,
     api_key: flags.ApiKeys = None,
     admin_key: flags.AdminKeys = None,
     insecure: flags.Insecure = False,
@@ -274,33 +256,10 @@ def serve(
     public_metrics: flags.PublicMetrics = False,
 ) -> None:
     """Serve many adapters on one base model over HTTP (OpenAPI page at /docs) until SIGINT/SIGTERM."""
-    from lorakit.serve import ServeOptions
+    given = {k: v for k, v in locals().items() if k not in ("adapter", "base")}  # the options, by name
     from lorakit.serve import serve as run_server
-    from lorakit.serve.options import ADMIN_KEY_ENV, KEY_ENV, keys_from_env
 
-    options = ServeOptions(
-        host=host,
-        port=port,
-        max_batch_size=max_batch_size,
-        max_wait_ms=max_wait_ms,
-        max_inputs=max_inputs,
-        merged=merged,
-        log_level=log_level,
-        summary_every=summary_every,
-        api_keys=keys_from_env(list(api_key or []), KEY_ENV),
-        admin_keys=keys_from_env(list(admin_key or []), ADMIN_KEY_ENV),
-        insecure=insecure,
-        adapter_root=adapter_root,
-        max_adapters=max_adapters,
-        max_body_bytes=max_body_bytes,
-        max_input_chars=max_input_chars,
-        max_new_tokens=max_new_tokens,
-        max_queue_rows=max_queue_rows,
-        request_timeout_s=request_timeout_s,
-        max_connections=max_connections,
-        public_metrics=public_metrics,
-    )
-    run_server(adapter, base, options)
+    run_server(adapter, base, flags.to_options(**given))
 
 
 @app.command()

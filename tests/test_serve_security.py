@@ -395,3 +395,62 @@ def test_unsafe_or_bad_exposure_options_are_one_line_and_exit_2(
     assert main(["serve", "--adapter", f"s={tree['startup'] / 'start'}", *args]) == 2
     err = capsys.readouterr().err
     assert where in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_full_queue_is_answered_429_before_the_body_is_parsed() -> None:
+    """The queue's gate, in process: with no room for one row, ``POST /v1/predict`` is 429 without the
+    route (the body is not even JSON here), its body read and dropped so that the connection stays open;
+    a body over the limit is not read at all and the connection closes; with room, or on another route,
+    the request goes on to the app."""
+    from lorakit.serve.limits import QueueGate
+    from lorakit.serve.metrics import Metrics
+
+    reached: list[str] = []
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        reached.append(scope["path"])
+
+    queued = {"rows": 4}
+    counters = Metrics()
+    gate = QueueGate(app, lambda: queued["rows"], 4, 100, counters)
+
+    def call(path: str, chunks: list[bytes], method: str = "POST", declared: int | None = None) -> tuple:
+        messages = [
+            {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+            for i, c in enumerate(chunks)
+        ]
+        size = sum(map(len, chunks)) if declared is None else declared
+        scope = {
+            "type": "http",
+            "method": method,
+            "path": path,
+            "headers": [(b"content-length", b"%d" % size)],
+        }
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        asyncio.run(gate(scope, receive, send))
+        return sent, messages
+
+    sent, left = call("/v1/predict", [b"not json {", b" at all"])
+    headers = dict(sent[0]["headers"])
+    assert sent[0]["status"] == 429 and int(headers[b"retry-after"]) >= 1 and b"connection" not in headers
+    assert b"--max-queue-rows" in sent[1]["body"] and left == [] and reached == []
+    sent, left = call("/v1/predict", [b"x" * 50], declared=500)  # over --max-body-bytes: not read
+    assert sent[0]["status"] == 429 and dict(sent[0]["headers"])[b"connection"] == b"close" and len(left) == 1
+    samples = {
+        s.name: s.value
+        for f in counters.registry.collect()
+        for s in f.samples
+        if s.labels == {"reason": "queue_full"}
+    }
+    assert samples["lorakit_rejected_requests_total"] == 2
+    call("/v1/adapters", [b"{}"])  # another route: not the gate's
+    queued["rows"] = 3  # room for a row: the route decides
+    call("/v1/predict", [b"{}"])
+    assert reached == ["/v1/adapters", "/v1/predict"]

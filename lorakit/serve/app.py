@@ -7,9 +7,10 @@
     GET    /metrics             Prometheus text format
     GET    /health              200 once the base and its adapters are loaded; never needs a key
 
-Layers, outermost first: request ids, latency metrics and 500s (``asgi``); API keys (``auth``); the body
-limit (``limits``); the routes. Every error body is ``{"detail": "<one line>"}``; ``schemas.ERRORS`` says
-which status means what, and the OpenAPI schema lists them route by route with the bearer scheme.
+Layers, outermost first: request ids, latency metrics and 500s (``asgi``); API keys (``auth``); the
+queue's gate and the body limit (``limits``); the routes. Every error body is ``{"detail": "<one line>"}``;
+``schemas.ERRORS`` says which status means what, and the OpenAPI schema lists them route by route with
+the bearer scheme.
 """
 
 from __future__ import annotations
@@ -34,7 +35,14 @@ from lorakit.serve import admin
 from lorakit.serve.asgi import RequestMiddleware
 from lorakit.serve.auth import AuthMiddleware, Keys, Principal
 from lorakit.serve.batcher import Batcher, QueueFull
-from lorakit.serve.limits import BodyLimitMiddleware, Rejected, check_inputs
+from lorakit.serve.limits import (
+    RETRY_AFTER,
+    BodyLimitMiddleware,
+    QueueGate,
+    Rejected,
+    busy_detail,
+    check_inputs,
+)
 from lorakit.serve.metrics import Metrics
 from lorakit.serve.options import ServeOptions, check_generation_length
 from lorakit.serve.schemas import (
@@ -119,8 +127,16 @@ def create_app(service: Service) -> FastAPI:
         summary="Many LoRA task adapters on one base model, answered from shared mixed-task batches.",
         lifespan=lifespan,
     )
-    # The middleware added last runs first: request ids and metrics, then keys, then the body limit.
+    # The middleware added last runs first: request ids and metrics, keys, the queue's gate, the body limit.
     app.add_middleware(BodyLimitMiddleware, max_bytes=options.max_body_bytes, metrics=metrics)
+    batcher = service.batcher
+    app.add_middleware(
+        QueueGate,
+        queued=lambda: batcher.queued_rows,
+        limit=options.max_queue_rows,
+        max_bytes=options.max_body_bytes,
+        metrics=metrics,
+    )
     public = {("GET", "/health")} | ({("GET", "/metrics")} if options.public_metrics else set())
     app.add_middleware(AuthMiddleware, keys=keys, public=public, metrics=metrics)
     app.add_middleware(RequestMiddleware, metrics=metrics)
@@ -188,10 +204,9 @@ def create_app(service: Service) -> FastAPI:
         try:
             # Queued before this handler yields: a DELETE that comes later finds it in the queue.
             queued = service.batcher.submit(rows)
-        except QueueFull as exc:
-            raise Rejected(
-                429, "queue_full", f"busy: {exc} (--max-queue-rows)", {"Retry-After": "1"}
-            ) from None
+        except QueueFull:
+            detail = busy_detail(service.batcher.queued_rows, options.max_queue_rows)
+            raise Rejected(429, "queue_full", detail, dict(RETRY_AFTER)) from None
         try:
             outputs = await asyncio.wait_for(asyncio.shield(queued.future), options.request_timeout_s)
         except asyncio.TimeoutError:  # not the builtin before Python 3.11

@@ -1,12 +1,40 @@
-"""The exposure options of ``lorakit serve`` as Typer annotations, kept beside the server they configure
-so that ``lorakit/cli.py`` stays one line an option (the defaults are ``ServeOptions``'s)."""
+"""The options of ``lorakit serve`` as Typer annotations, kept beside the server they configure so that
+``lorakit/cli.py`` stays one line an option (the defaults are ``ServeOptions``'s), and ``to_options``,
+which makes them a ``ServeOptions`` (keys from the environment when none is given)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from lorakit.serve.options import ServeOptions
+
+Adapters = Annotated[
+    list[str],
+    typer.Option("--adapter", help="NAME=RUN_DIR: a lorakit run or a PEFT adapter directory (repeatable)."),
+]
+Base = Annotated[
+    str | None, typer.Option("--base", help="The base model (for PEFT directories without a recipe).")
+]
+Host = Annotated[str, typer.Option("--host", help="Address to listen on.")]
+Port = Annotated[int, typer.Option("--port", help="Port to listen on.")]
+MaxBatchSize = Annotated[
+    int, typer.Option("--max-batch-size", help="Most rows in one mixed-task forward pass.")
+]
+MaxWaitMs = Annotated[
+    float, typer.Option("--max-wait-ms", help="Longest a request waits for others to share its batch.")
+]
+MaxInputs = Annotated[int, typer.Option("--max-inputs", help="Most inputs in one request (more: 413).")]
+Merged = Annotated[
+    bool, typer.Option("--merged", help="One merged base copy per adapter (more memory, no LoRA per row).")
+]
+LogLevel = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")]
+SummaryEvery = Annotated[
+    float, typer.Option("--summary-every", help="Seconds between summary lines (rows/s, waits).")
+]
 
 ApiKeys = Annotated[
     list[str] | None,
@@ -39,3 +67,15 @@ RequestTimeout = Annotated[
 ]
 MaxConnections = Annotated[int, typer.Option("--max-connections", help="Most open connections (more: 503).")]
 PublicMetrics = Annotated[bool, typer.Option("--public-metrics", help="Serve GET /metrics without a key.")]
+
+
+def to_options(api_key: list[str] | None, admin_key: list[str] | None, **given: Any) -> ServeOptions:
+    """The command's options as ``ServeOptions``; keys from ``LORAKIT_API_KEY`` / ``LORAKIT_ADMIN_KEY``
+    when the command names none."""
+    from lorakit.serve.options import ADMIN_KEY_ENV, KEY_ENV, ServeOptions, keys_from_env
+
+    return ServeOptions(
+        api_keys=keys_from_env(list(api_key or []), KEY_ENV),
+        admin_keys=keys_from_env(list(admin_key or []), ADMIN_KEY_ENV),
+        **given,
+    )

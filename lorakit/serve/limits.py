@@ -1,11 +1,14 @@
 """Size limits of ``lorakit serve``: the body, checked while it streams in (a pure ASGI middleware: a body
 over ``--max-body-bytes`` is answered 413 before the rest of it is read, and the connection closed), and
 the inputs of a request (``--max-inputs``, ``--max-input-chars``), checked before anything is tokenized.
+And the queue's gate: while the queue has no room for a single row, a prediction is answered 429 before
+its body is parsed (the body is read and dropped chunk by chunk, so the connection stays open for the
+client's retry and nothing of it is held).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import HTTPException
@@ -70,6 +73,53 @@ class BodyLimitMiddleware:
             return await receive()  # after the body: the disconnect, when it comes
 
         await self.app(scope, replay, send)
+
+
+def busy_detail(queued: int, limit: int) -> str:
+    """The one-line body of a 429."""
+    return f"busy: {queued} rows queued, the limit is {limit} (--max-queue-rows)"
+
+
+RETRY_AFTER = {"Retry-After": "1"}
+
+
+class QueueGate:
+    """``POST /v1/predict`` answered 429 at once while the queue is full (``queued()`` at ``limit``): no
+    JSON parsed, no validation, no route run. A request that might fit goes on; the batcher's ``submit``
+    then decides exactly, with the request's row count."""
+
+    def __init__(
+        self, app: ASGIApp, queued: Callable[[], int], limit: int, max_bytes: int, metrics: Metrics
+    ) -> None:
+        self.app = app
+        self.queued = queued
+        self.limit = limit
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        queued = self.queued()
+        if (
+            scope["type"] != "http"
+            or queued < self.limit  # room for one row at least: the route decides
+            or scope["method"] != "POST"
+            or scope["path"] != "/v1/predict"
+        ):
+            await self.app(scope, receive, send)
+            return
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        over = declared is not None and declared.isdigit() and int(declared) > self.max_bytes
+        total = 0
+        while not over:  # drop the body as it comes, so that the connection can carry the retry
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            total += len(message.get("body", b""))
+            over = total > self.max_bytes
+            if not message.get("more_body", False):
+                break
+        self.metrics.reject("queue_full")
+        await send_error(send, 429, busy_detail(queued, self.limit), RETRY_AFTER, close=over)
 
 
 def check_inputs(inputs: Sequence[Any], max_inputs: int, max_chars: int) -> None:
