@@ -18,7 +18,7 @@ from rich.text import Text
 from torch import nn
 
 from lorakit.errors import UserError
-from lorakit.lora import LoraFusedLinear, ParameterCounts, count_parameters, lora_modules, saved_module_names
+from lorakit.lora import ParameterCounts, count_parameters, lora_modules, saved_module_names
 from lorakit.models import apply_lora, empty_model, model_config
 from lorakit.recipe import Recipe
 from lorakit.tasks import build_task
@@ -132,7 +132,7 @@ def _names_of(template: tuple[str, ...], numbers: list[tuple[int, ...]]) -> list
 def _adapted_names(model: nn.Module) -> list[str]:
     # A fused projection shows which slices carry LoRA: transformer.h.{0..23}.attn.c_attn[q,v].
     return [
-        f"{name}[{','.join(module.adapted)}]" if isinstance(module, LoraFusedLinear) else name
+        f"{name}[{','.join(module.adapted)}]" if getattr(module, "adapted", ()) else name
         for name, module in lora_modules(model)
     ]
 

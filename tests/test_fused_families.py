@@ -327,3 +327,36 @@ def test_phi3_slices_are_refused_without_sizes_or_with_sizes_of_another_model() 
     with pytest.raises(ValueError, match="cover 96 rows; the projection has 64"):  # the core, told them
         inject_lora(model, LoraConfig(target_modules=qv, fused_slices=other))
     assert not list(lora_modules(model))
+
+
+@pytest.mark.parametrize("whole_first", [False, True], ids=["slices-first", "whole-first"])
+def test_a_whole_module_adapter_and_a_slice_adapter_share_a_fused_projection(
+    whole_first: bool, tmp_path: Path, token_batch
+) -> None:
+    """``lorakit predict``/``serve`` of a q|v run beside an all-linear run (GPT-BigCode): c_attn carries
+    both, in either order; each row of a mixed batch gets its own adapter's logits; PEFT reads each file."""
+    base = tiny("gpt_bigcode", "seq_cls")
+    model = copy.deepcopy(base)
+    qv = lora_config(model, "seq_cls")
+    every = lora_config(model, "seq_cls", target_modules=["c_attn", "c_proj", "c_fc"])
+    for name, config in [("every", every), ("qv", qv)] if whole_first else [("qv", qv), ("every", every)]:
+        add_adapter(model, name, config)
+    randomize_lora(model)
+    layer = model.get_submodule(FUSED["gpt_bigcode"][0].format(i=0))
+    assert isinstance(layer, LoraFusedLinear)
+    assert {n: a.adapted for n, a in layer.lora_adapters.items()} == {"qv": ("q", "v"), "every": ()}
+    rows = ["qv", "every", None]
+    with torch.no_grad():
+        alone = {}
+        for name in ("qv", "every", None):
+            with activated(model, name):
+                alone[name] = model(**token_batch).logits
+        assert max_diff(alone["qv"], alone["every"]) > 1e-4
+        mixed, _ = mixed_logits(model, rows, **token_batch)
+    for i, name in enumerate(rows):
+        assert max_diff(mixed[i], alone[name][i]) <= 1e-5, (i, name)
+    for name, config in (("qv", qv), ("every", every)):
+        save_adapter(model, tmp_path / name, config, "tiny", task_type="SEQ_CLS", adapter=name)
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / name).eval()
+        with torch.no_grad():
+            assert max_diff(alone[name], theirs(**token_batch).logits) <= 1e-5, name

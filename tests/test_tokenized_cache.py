@@ -154,3 +154,16 @@ def test_own_data_encodings_are_cached_and_a_chat_template_set_in_code_makes_ano
     other = tokenize_chat(chats, gpt2, 32, cache=True)
     assert len(entries()) == 3
     assert gpt2.decode(other[0]["input_ids"]).startswith("[user] hi")
+
+
+def test_a_tokenizer_copied_to_another_folder_reads_the_same_entry(rows, roberta, tmp_path: Path) -> None:
+    """Where a tokenizer was read from is not what it is: a ``save_pretrained`` copy (each tiny test model
+    saves one beside it) shares the entry, while ``add_prefix_space``, which changes the ids, does not."""
+    first = tokenize_classification(rows, roberta, 64, cache=True)
+    roberta.save_pretrained(tmp_path / "copy")
+    copy = AutoTokenizer.from_pretrained(tmp_path / "copy")
+    again = tokenize_classification(rows, copy, 64, cache=True)
+    assert len(entries()) == 1 and again["input_ids"] == first["input_ids"]
+    prefixed = AutoTokenizer.from_pretrained(tmp_path / "copy", add_prefix_space=True)
+    tokenize_classification(rows, prefixed, 64, cache=True)
+    assert len(entries()) == 2

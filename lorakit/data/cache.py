@@ -43,6 +43,25 @@ def cache_dir() -> Path | None:
     return lorakit_home() / "cache" / "tokenized"
 
 
+# init_kwargs that do not decide ids, or are in the key otherwise: where and how the files were read (two
+# copies of one tokenizer share their rows), the special tokens (``special_tokens_map``), model_max_length and
+# truncation_side (read from the tokenizer itself), the last call's truncation (which ``save_pretrained``
+# writes into a copy's config; the key holds max_length), decoding settings, the backend's name.
+_NOT_IDS = frozenset(
+    {"name_or_path", "is_local", "local_files_only", "model_max_length", "truncation_side", "max_length",
+     "stride", "truncation_strategy", "backend", "errors", "clean_up_tokenization_spaces"}
+)  # fmt: skip
+
+
+def _id_settings(tokenizer: PreTrainedTokenizerBase) -> dict[str, object]:
+    special = set(getattr(tokenizer, "SPECIAL_TOKENS_ATTRIBUTES", ())) | {"additional_special_tokens"}
+    return {
+        k: v
+        for k, v in tokenizer.init_kwargs.items()
+        if k not in _NOT_IDS and k not in special and not k.endswith("_file")
+    }
+
+
 def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str | None:
     """A digest of all in ``tokenizer`` that decides its ids, or None when it has no serialized form."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -53,7 +72,7 @@ def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str | None:
 
     settings = {
         "class": type(tokenizer).__name__,
-        "init_kwargs": tokenizer.init_kwargs,
+        "init_kwargs": _id_settings(tokenizer),
         "truncation_side": tokenizer.truncation_side,
         "model_max_length": tokenizer.model_max_length,
         "special_tokens": tokenizer.special_tokens_map,

@@ -5,6 +5,7 @@ prompts) the encodings are kept between runs by ``lorakit.data.cache``."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -149,8 +150,16 @@ def map_encoding(
     from lorakit.data.cache import cached_map
 
     def compute() -> datasets.Dataset:
+        # datasets would fingerprint the result by pickling ``encode`` and the tokenizer it holds (0.75 s a
+        # call for GPT-2's: most of a short ``lorakit generate``). Nothing is read back by that name
+        # (load_from_cache_file=False), so one from the rows' fingerprint and the encoding will do.
+        name = f"{dataset._fingerprint}|{encoding}|{max_length}"
         return dataset.map(
-            encode, batched=True, remove_columns=dataset.column_names, load_from_cache_file=False
+            encode,
+            batched=True,
+            remove_columns=dataset.column_names,
+            load_from_cache_file=False,
+            new_fingerprint=hashlib.sha256(name.encode()).hexdigest()[:32],
         )
 
     if not cache:

@@ -54,7 +54,7 @@ _FUSED_METADATA_KEY = "lorakit.fused_slices"
 
 def _effective_rank_alpha(module: nn.Module) -> tuple[int, float]:
     """Rank and alpha of the single LoRA pair PEFT sees for this module."""
-    if isinstance(module, LoraFusedLinear):
+    if isinstance(module, LoraFusedLinear) and module.adapted:
         k = len(module.adapted)
         # alpha'/r' must equal alpha/r (or alpha'/sqrt(r') = alpha/sqrt(r) with rsLoRA).
         factor = math.sqrt(k) if module.use_rslora else k
@@ -99,7 +99,7 @@ def adapter_tensors(
             if isinstance(module, LoraEmbedding):
                 tensors[key + ".lora_embedding_A"] = module.lora_embedding_A.detach()
                 tensors[key + ".lora_embedding_B"] = module.lora_embedding_B.detach()
-            elif isinstance(module, LoraFusedLinear):
+            elif isinstance(module, LoraFusedLinear) and module.adapted:
                 with torch.no_grad():
                     tensors[key + ".lora_A.weight"] = module.stacked_a()
                     tensors[key + ".lora_B.weight"] = module.block_b(1.0)
@@ -328,7 +328,7 @@ def copy_lora_weights(
                 (module.lora_embedding_A, path + ".lora_embedding_A"),
                 (module.lora_embedding_B, path + ".lora_embedding_B"),
             ]
-        elif isinstance(module, LoraFusedLinear):
+        elif isinstance(module, LoraFusedLinear) and module.adapted:
             a, b = tensors[path + ".lora_A.weight"], tensors[path + ".lora_B.weight"]
             r = module.r
             expected = module.block_b(1.0).shape

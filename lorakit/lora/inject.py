@@ -66,11 +66,6 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADA
         alpha = lookup_pattern(config.alpha_pattern, name, config.alpha)
         base = module.base_layer if isinstance(module, LORA_LAYER_TYPES) else module
         fused = slices is not None
-        if isinstance(module, LORA_LAYER_TYPES) and isinstance(module, LoraFusedLinear) != fused:
-            raise TargetNotFoundError(
-                f"{name} carries a LoRA {'on slices' if not fused else 'on the whole module'} already; "
-                f"adapter {adapter!r} cannot adapt it {'on slices' if fused else 'whole'} beside it"
-            )
         wrapper: nn.Module = module
         if isinstance(base, nn.Embedding):
             if not isinstance(module, LoraEmbedding):
@@ -83,7 +78,11 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADA
                     wrapper = LoraFusedLinear(base, spec, None)
                 except ValueError as err:  # sizes that do not fit this module: another model's layout
                     raise TargetNotFoundError(f"{name}: {err}") from None
+                if isinstance(module, LoraLinear):  # whole-module adapters already here stay beside
+                    wrapper.adopt(module)
             wrapper.add(adapter, slices, r, alpha, config.dropout, config.init, config.use_rslora)
+        elif isinstance(module, LoraFusedLinear):  # slice adapters here already: this one takes every row
+            module.add_whole(adapter, r, alpha, config.dropout, config.init, config.use_rslora)
         else:
             if not isinstance(module, LoraLinear):
                 wrapper = LoraLinear(base, None)

@@ -150,6 +150,29 @@ class LoraFusedLinear(LoraLayer):
         a, b = [a for a, _ in pairs], [b for _, b in pairs]
         self.add_adapter(name, LoraAdapter(a, b, r, alpha, dropout, use_rslora, offsets, ordered))
 
+    def add_whole(self, name: str, r: int, alpha: float, dropout: float, init: str, use_rslora: bool) -> None:
+        """A new adapter ``name`` on the whole projection, as ``LoraLinear`` holds one (one rank-r pair over
+        every output row): an ``all-linear`` adapter beside a q|v-slice one on the same base."""
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got {r}")
+        fan_in = linear_shape(self.base_layer)[0]
+        a, b = new_lora_pair(r, fan_in, self.fan_out, self.base_layer.weight.device, init)
+        self.add_adapter(name, LoraAdapter([a], [b], r, alpha, dropout, use_rslora))
+
+    def adopt(self, layer: LoraLinear) -> None:
+        """Take over the whole-module adapters of ``layer`` (a ``LoraLinear`` on the same base), so that
+        slice adapters can join them: their parameters keep their names (``lora_adapters.<name>``)."""
+        if layer.base_layer is not self.base_layer or layer.merged or layer.routing is not None:
+            raise ValueError("only an unmerged, unrouted LoraLinear on the same base can be adopted")
+        for name, adapter in layer.lora_adapters.items():
+            self.add_adapter(name, adapter)  # type: ignore[arg-type]
+        self.active_adapter = layer.active_adapter
+
+    def _groups(self, adapter: LoraAdapter) -> int:
+        # A whole-module adapter (no slices) is one contiguous block of every row.
+        return self.groups if adapter.adapted else 1
+
+    # The active adapter's slices: () for a whole-module adapter.
     adapted = property(lambda self: self.adapter.adapted)
     offsets = property(lambda self: self.adapter.offsets)
 
@@ -160,6 +183,8 @@ class LoraFusedLinear(LoraLayer):
     def block_b(self, scale: float = 1.0) -> torch.Tensor:
         """B_all of the active adapter: (out, n_adapted·r), B_i·scale in slice i's rows and columns."""
         adapter = self.adapter
+        if not adapter.adapted:
+            return adapter.lora_B * scale
         k, r, groups = len(adapter.adapted), adapter.r, self.groups
         rows = []  # one group's worth of rows per slice, (groups, size, k·r), in layout order
         for name, size in zip(self.slice_names, self.slice_sizes, strict=True):
@@ -188,16 +213,17 @@ class LoraFusedLinear(LoraLayer):
         lora_x = lora_input(x, adapter.lora_dropout)
         a, bs = adapter.factors()
         # Only the adapted slices' columns are touched: no products with the zero blocks of block_b.
-        return lora_linear(self.base_layer, x, lora_x, a, bs, adapter.offsets, adapter.scaling, self.groups)
+        groups = self._groups(adapter)
+        return lora_linear(self.base_layer, x, lora_x, a, bs, adapter.offsets, adapter.scaling, groups)
 
     def _fused_update(self, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
         """``s·B_i A_i dropout(x)`` in each adapted slice's columns, zeros elsewhere, for rows ``x``."""
         a, bs = adapter.factors()
         ax = F.linear(lora_input(x, adapter.lora_dropout), a)
-        return sliced_update(ax, bs, adapter.offsets, adapter.scaling, self.fan_out, self.groups)
+        return sliced_update(ax, bs, adapter.offsets, adapter.scaling, self.fan_out, self._groups(adapter))
 
     def extra_repr(self) -> str:
-        slices = ", ".join(f"{n}: {a.adapted}" for n, a in self.lora_adapters.items())
+        slices = ", ".join(f"{n}: {a.adapted or 'whole'}" for n, a in self.lora_adapters.items())
         groups = f" × {self.groups} groups" if self.groups > 1 else ""
         return f"slices of {self.layout()}{groups}: [{slices}], " + super().extra_repr()
 
