@@ -10,8 +10,6 @@ import os
 import sys
 from typing import NoReturn
 
-from lorakit.cli import main
-
 
 def run() -> NoReturn:
     """Run the command line, then leave with its exit status without the interpreter's teardown.
@@ -22,6 +20,11 @@ def run() -> NoReturn:
     returns, so only what others registered to run at exit is left: under one process those handlers still
     run (temporary directories, loggers); then the standard streams are flushed and the process leaves.
     """
+    from lorakit.noise import quiet_command
+
+    quiet_command(sys.argv[1:])  # before the libraries are imported
+    from lorakit.cli import main
+
     status = main()
     from lorakit.training.preflight import launched_world_size  # only once the command is done
 

@@ -21,7 +21,7 @@ from lorakit.errors import Interrupted, UserError
 from lorakit.serve import flags
 
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,  # --install-completion, --show-completion: bash, zsh, fish, PowerShell
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="LoRA fine-tuning of Hugging Face transformers models from YAML recipes.",
@@ -70,6 +70,9 @@ def train(
     from lorakit.training.launch import launch, needs_launch
 
     if needs_launch(loaded):  # several processes: this one starts them and waits
+        from lorakit.training.trackers import check_installed
+
+        check_installed(loaded)  # one line here, not one from each process it would start
         argv = ["train", str(recipe), *(arg for o in overrides for arg in ("--set", o))]
         raise typer.Exit(launch(loaded, [*argv, "--resume"] if resume else argv, resume))
     from lorakit.training.loop import train as run_training

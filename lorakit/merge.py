@@ -21,6 +21,7 @@ def merge_run(run_dir: Path, out_dir: Path) -> Path:
     existing ``out_dir`` is replaced only when it is an earlier merge (its ``lorakit_merge.json``), else
     refused: lorakit never deletes what it did not write.
     """
+    from lorakit.model_card import write_merged_card
     from lorakit.models import load_trained
     from lorakit.recipe import load_trained_recipe
     from lorakit.tasks import build_task
@@ -40,6 +41,7 @@ def merge_run(run_dir: Path, out_dir: Path) -> Path:
         prepared.tokenizer.save_pretrained(tmp)
         marker = {"lorakit": "merge", "merged_from": str(run_dir), "base": recipe.model.name_or_path}
         write_json(tmp / MERGE_MARKER, marker)
+        write_merged_card(tmp, run_dir, recipe, out_dir.name)  # README.md: the Hub's model card
 
     write_dir(out_dir, fill)
     return out_dir

@@ -46,6 +46,7 @@ CONFIGS: dict[str, dict] = {
     "distilbert": dict(vocab_size=VOCAB, dim=32, hidden_dim=64, n_heads=4, n_layers=2),
     "xlm-roberta": dict(TINY),
     "camembert": dict(TINY),
+    "deberta": dict(TINY),  # v1: q|k|v fused in one in_proj, adapted whole
     "electra": {**TINY, "embedding_size": 16},  # smaller than hidden: an embeddings_project Linear
     # all-linear only: GPT-2's and Phi-3's defaults (q/v slices of a fused projection) are tested in
     # test_adapter_io, test_fused_families and test_interleaved_families (per-head q|k|v).
@@ -65,16 +66,18 @@ QV = {
     "distilbert": "distilbert.transformer.layer.{i}.attention.{p}",
     "xlm-roberta": "roberta.encoder.layer.{i}.attention.self.{p}",
     "camembert": "roberta.encoder.layer.{i}.attention.self.{p}",
+    "deberta": "deberta.encoder.layer.{i}.attention.self.{p}",
     "electra": "electra.encoder.layer.{i}.attention.self.{p}",
 }
 QV_NAMES = {
     "distilbert": ("q_lin", "v_lin"),
     "xlm-roberta": ("query", "value"),
     "camembert": ("query", "value"),
+    "deberta": ("in_proj",),
     "electra": ("query", "value"),
 }
 # Encoders: sequence classifiers only (DistilBERT has no causal-LM class; the others' are not LMs).
-ENCODERS = ("distilbert", "xlm-roberta", "camembert", "electra")
+ENCODERS = ("distilbert", "xlm-roberta", "camembert", "electra", "deberta")
 CASES = [
     *[(t, kind, targets) for t in DECODERS for kind in ("seq_cls", "causal") for targets in ("paper", "all")],
     *[(t, "seq_cls", targets) for t in ENCODERS for targets in ("paper", "all")],

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +24,13 @@ from torch import nn
 from lorakit.data.loaders import DataReport, EvalSet, eval_sets, train_loader
 from lorakit.errors import UserError
 from lorakit.evaluation import evaluate, write_predictions
-from lorakit.lora import save_adapter
-from lorakit.models import PreparedModel, head_metadata, prepare_model, prompt_room
+from lorakit.model_card import write_run_card
+from lorakit.models import prepare_model, prompt_room
+from lorakit.noise import deepspeed_in_use, without_deepspeed
 from lorakit.recipe import Recipe, save_recipe
 from lorakit.runs import METRICS_FILE, RECIPE_FILE, record_latest_run, write_json
 from lorakit.tasks.base import Task
-from lorakit.training import reporting, zero
+from lorakit.training import reporting, trackers, zero
 from lorakit.training.checkpoint import (
     LoopState,
     latest_checkpoint,
@@ -38,11 +38,12 @@ from lorakit.training.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from lorakit.training.execution import compile_model, compile_report, enable_gradient_checkpointing
+from lorakit.training.execution import compile_model, enable_gradient_checkpointing
 from lorakit.training.optimization import build_optimizer, float32_trainables, global_mean_loss
 from lorakit.training.preemption import StopSignals, interrupted, interrupted_at_the_end
 from lorakit.training.preflight import check_precision, check_process_count, run_dir_for, settled_recipe
 from lorakit.training.progress import TrainProgress
+from lorakit.training.saving import save_trained
 from lorakit.training.sharding import sliced_loader
 from lorakit.training.whole_state import checkpoint_state, restore_state, whole_trainables
 
@@ -58,33 +59,6 @@ class TrainResult:
     run_dir: Path
     metrics: dict[str, Any]
     main_process: bool = True  # False in the other processes of a multi-process run: they print nothing
-
-
-def _task_type(task: Task) -> str:
-    return "CAUSAL_LM" if task.kind == "generation" else "SEQ_CLS"
-
-
-def save_trained(
-    prepared: PreparedModel, model: nn.Module, recipe: Recipe, task: Task, out_dir: Path
-) -> None:
-    """The LoRA adapter in PEFT's format or, for full fine-tuning, the whole model with its tokenizer."""
-    if prepared.lora_config is not None:
-        save_adapter(
-            model,
-            out_dir,
-            prepared.lora_config,
-            recipe.model.name_or_path,
-            _task_type(task),
-            metadata=head_metadata(task),
-        )
-        return
-    target = out_dir / "model"
-    tmp = out_dir / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    prepared.tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
 
 
 def _improved(value: float, best: float | None, greater_is_better: bool) -> bool:
@@ -197,7 +171,7 @@ class _Loop:
                         self.run_dir / "eval", es.split, predictions[es.split], es.rows, self.task
                     )
         if self.acc.is_main_process:
-            self.acc.log({f"eval/{k}": v for k, v in metrics.items()}, step=self.state.step)
+            trackers.log(self.acc, trackers.scalars(metrics, "eval"), self.state.step)
             self.log.write({"event": "eval", **record})
         self.seconds["evaluation"] += time.perf_counter()
         return metrics
@@ -226,9 +200,16 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     """Train ``recipe`` into its output directory; with ``resume``, continue from the last checkpoint.
 
     Under a launcher (see ``lorakit.launch``) every process calls this; only the main one writes files.
+    DeepSpeed stays unimported unless this process was launched to train under it (``lorakit.noise``).
     """
     startup = reporting.process_age_seconds()
     recipe, task = settled_recipe(recipe)
+    trackers.check_installed(recipe)
+    with without_deepspeed(needed=deepspeed_in_use()):
+        return _train(recipe, task, resume, startup)
+
+
+def _train(recipe: Recipe, task: Task, resume: bool, startup: float) -> TrainResult:
     t = recipe.train
     run_dir = run_dir_for(recipe, resume)
     set_seed(t.seed)
@@ -237,7 +218,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
         gradient_accumulation_steps=t.grad_accum,
         # Pinned training batches reach the GPU without the host waiting for queued steps to finish.
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
-        log_with="tensorboard",
+        log_with=trackers.log_with(recipe, run_dir),
         project_dir=str(run_dir / "logs"),
         kwargs_handlers=zero.process_group_kwargs(),
     )
@@ -256,16 +237,20 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
         save_recipe(recipe, run_dir / RECIPE_FILE)
         record_latest_run(run_dir)
         loop.log = reporting.JsonlLog(run_dir)
-    acc.init_trackers("tensorboard")
     loop.seconds["start-up"] = startup
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
         loop.resume_from(checkpoint)
     elif resume and acc.is_main_process:
         logger.warning("%s holds no checkpoint yet: training starts again from step 0", run_dir)
-    with StopSignals() as signals:
-        _train_epochs(loop, signals)
-        result = _finish(loop)
+    trackers.start(acc, recipe, run_dir)
+    try:
+        with StopSignals() as signals:
+            _train_epochs(loop, signals)
+            result = _finish(loop)
+    except BaseException:
+        trackers.close(acc)  # an interrupted or failed run's trackers still get what was logged
+        raise
     if signals.received is not None:  # after the last step: nothing left to stop, but the caller is told
         raise interrupted_at_the_end(signals.received, str(run_dir), tell=acc.is_main_process)
     return result
@@ -328,7 +313,7 @@ def _train_epochs(loop: _Loop, signals: StopSignals) -> None:
                     record = {"step": state.step, "epoch": state.epoch, "loss": mean_loss, "lr": lr}
                     state.history.append(record)
                     if acc.is_main_process:
-                        acc.log({"train/loss": mean_loss, "train/lr": lr}, step=state.step)
+                        trackers.log(acc, {"train/loss": mean_loss, "train/lr": lr}, state.step)
                         loop.log.write({"event": "train", **record})
                     progress.update(
                         state.step, mean_loss, lr, state.samples_seen / max(state.train_seconds, 1e-9)
@@ -366,34 +351,15 @@ def _finish(loop: _Loop) -> TrainResult:
     if not evals or evals[-1]["step"] != state.step:
         loop.evaluate_and_keep_best()
         evals = [h for h in state.history if task.main_metric in h]
-    final = {k: v for k, v in evals[-1].items() if k not in ("epoch",)}
-    best = next(h for h in evals if h["step"] == state.best_step)
-    counts = loop.prepared.counts
     memory = reporting.peak_memory()
     if acc.num_processes > 1:
         # Each process has its own peak; the largest is what one device (or process) must hold.
         mine = torch.tensor([memory["peak_memory_bytes"]], device=acc.device)
         memory["peak_memory_bytes"] = int(acc.gather(mine).max().item())
-    metrics: dict[str, Any] = {
-        "task": task.name,
-        "method": loop.recipe.method,
-        "main_metric": task.main_metric,
-        "best": {k: v for k, v in best.items() if k != "epoch"},
-        "final": final,
-        "history": state.history,
-        "eval_examples": {es.prefix or es.split: len(es.rows) for es in loop.evals},
-        # Rows per split, and rows cut at task.max_length (their start kept), for tasks that count them.
-        "data": {"rows": loop.data.rows, "truncated": loop.data.truncated},
-        "parameters": {**asdict(counts), "trainable_percent": counts.trainable_percent},
-        "train_steps": state.step,
-        "train_samples": state.samples_seen,
-        "train_seconds": state.train_seconds,
-        "train_samples_per_second": state.samples_seen / max(state.train_seconds, 1e-9),
-        "num_processes": acc.num_processes,
-        "global_batch_size": loop.global_batch,
-        **({"compile": compile_report()} if loop.recipe.train.compile else {}),
-        **memory,
-    }
+    metrics = reporting.run_metrics(
+        loop.recipe, task, state, evals, loop.prepared.counts, loop.data, loop.evals, acc.num_processes
+    )
+    metrics.update(memory)
     saving = time.perf_counter()
     loop.save_trained(loop.run_dir / "final")
     if acc.is_main_process:
@@ -405,6 +371,8 @@ def _finish(loop: _Loop) -> TrainResult:
         metrics["seconds"] = {**loop.seconds, "steps": state.train_seconds}
         metrics["seconds"]["saving"] = time.perf_counter() - saving
         write_json(loop.run_dir / METRICS_FILE, metrics)
+        write_run_card(loop.run_dir, loop.recipe, metrics)
+        trackers.log_final(acc, metrics, state.step)
     # Every process leaves together (one tearing its process group down early aborted once under DeepSpeed).
     acc.wait_for_everyone()
     acc.end_training()

@@ -66,7 +66,8 @@ def _failed_start(run_dir: Path) -> bool:
     block the retry. Only lorakit's own names count: a folder of the user's is never taken for one."""
     if {p.name for p in run_dir.iterdir()} != {RECIPE_FILE, "logs"} or not (run_dir / "logs").is_dir():
         return False
-    return {p.name for p in (run_dir / "logs").iterdir()} <= {"tensorboard", "train.jsonl"}
+    # Trackers that keep files in the run (W&B's offline folder) may have started before the failure.
+    return {p.name for p in (run_dir / "logs").iterdir()} <= {"tensorboard", "wandb", "train.jsonl"}
 
 
 def run_dir_for(recipe: Recipe, resume: bool) -> Path:

@@ -7,6 +7,7 @@ import json
 import os
 import resource
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,45 @@ class JsonlLog:
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record, default=float) + "\n")
+
+
+def run_metrics(
+    recipe: Any,
+    task: Any,
+    state: Any,
+    evals: list[dict[str, Any]],
+    counts: Any,
+    data: Any,
+    eval_sets: list[Any],
+    num_processes: int,
+) -> dict[str, Any]:
+    """metrics.json's summary of a finished run (peak memory, sizes and seconds are added by the loop):
+    the best and final evaluations, the history, counts of rows and parameters, throughput."""
+    final = {k: v for k, v in evals[-1].items() if k not in ("epoch",)}
+    best = next(h for h in evals if h["step"] == state.best_step)
+    metrics: dict[str, Any] = {
+        "task": task.name,
+        "method": recipe.method,
+        "main_metric": task.main_metric,
+        "best": {k: v for k, v in best.items() if k != "epoch"},
+        "final": final,
+        "history": state.history,
+        "eval_examples": {es.prefix or es.split: len(es.rows) for es in eval_sets},
+        # Rows per split, and rows cut at task.max_length (their start kept), for tasks that count them.
+        "data": {"rows": data.rows, "truncated": data.truncated},
+        "parameters": {**asdict(counts), "trainable_percent": counts.trainable_percent},
+        "train_steps": state.step,
+        "train_samples": state.samples_seen,
+        "train_seconds": state.train_seconds,
+        "train_samples_per_second": state.samples_seen / max(state.train_seconds, 1e-9),
+        "num_processes": num_processes,
+        "global_batch_size": state.global_batch_size,
+    }
+    if recipe.train.compile:
+        from lorakit.training.execution import compile_report
+
+        metrics["compile"] = compile_report()
+    return metrics
 
 
 def process_age_seconds() -> float:
