@@ -224,11 +224,14 @@ def predict(
     max_length: Annotated[
         int | None, typer.Option("--max-length", min=1, help="Truncate inputs here (default: each recipe's).")
     ] = None,
+    quantize: flags.Quantize = None,
 ) -> None:
     """Predict rows with many adapters on one base model: one JSON line out per line in, in order."""
     from lorakit.predict import predict_file
+    from lorakit.predict.runner import base_quantize
 
-    count = predict_file(adapter, input_, output, batch_size, base, max_length)
+    with base_quantize(quantize):
+        count = predict_file(adapter, input_, output, batch_size, base, max_length)
     if output is not None:
         Console(stderr=True).print(f"{count} rows predicted into {output}")
 
@@ -243,6 +246,7 @@ def serve(
     max_wait_ms: flags.MaxWaitMs = 5.0,
     max_inputs: flags.MaxInputs = 1024,
     merged: flags.Merged = False,
+    quantize: flags.Quantize = None,
     log_level: flags.LogLevel = "info",
     summary_every: flags.SummaryEvery = 60.0,
     api_key: flags.ApiKeys = None,
@@ -260,9 +264,11 @@ def serve(
 ) -> None:
     """Serve many adapters on one base model over HTTP (OpenAPI page at /docs) until SIGINT/SIGTERM."""
     given = {k: v for k, v in locals().items() if k not in ("adapter", "base")}  # the options, by name
+    from lorakit.predict.runner import base_quantize
     from lorakit.serve import serve as run_server
 
-    run_server(adapter, base, flags.to_options(**given))
+    with base_quantize(quantize):
+        run_server(adapter, base, flags.to_options(**given))
 
 
 @app.command()

@@ -68,6 +68,10 @@ class InfoReport:
     memory_lora: MemoryEstimate | None
     memory_full: MemoryEstimate
     lora_error: str | None = None
+    quantize: str = "none"  # model.quantize
+    base_bytes: int = 0  # every base parameter at model.dtype
+    quantized_base_bytes: int | None = None  # the same with the blocks' linear layers quantized
+    unquantized_layers: int = 0  # block linear layers the quantizer cannot block (stay dense)
 
 
 def _unique_params(model: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
@@ -147,6 +151,7 @@ def describe(recipe: Recipe) -> InfoReport:
     base_params = sum(p.numel() for _, p in base)
     base_bytes = _nbytes(p for _, p in base)
     memory_full = MemoryEstimate(base_bytes, base_bytes, ADAM_BYTES_PER_PARAM * base_params)
+    saving, unquantized = _quantized_saving(recipe, model)
 
     lora_error = None
     try:
@@ -163,7 +168,9 @@ def describe(recipe: Recipe) -> InfoReport:
         params = [p for _, p in _unique_params(model)]
         trainable = [p for p in params if p.requires_grad]
         n_trainable = sum(p.numel() for p in trainable)
-        memory_lora = MemoryEstimate(_nbytes(params), _nbytes(trainable), ADAM_BYTES_PER_PARAM * n_trainable)
+        memory_lora = MemoryEstimate(
+            _nbytes(params) - saving, _nbytes(trainable), ADAM_BYTES_PER_PARAM * n_trainable
+        )
         targets = _adapted_names(model)
         heads = saved_module_names(model, lora_cfg.modules_to_save)
 
@@ -193,7 +200,34 @@ def describe(recipe: Recipe) -> InfoReport:
         memory_lora=memory_lora,
         memory_full=memory_full,
         lora_error=lora_error,
+        quantize=recipe.model.quantize,
+        base_bytes=base_bytes,
+        quantized_base_bytes=base_bytes - saving if recipe.model.quantize != "none" else None,
+        unquantized_layers=unquantized,
     )
+
+
+def _quantized_saving(recipe: Recipe, model: nn.Module) -> tuple[int, int]:
+    """Bytes ``model.quantize`` saves on the base (the blocks' linear weights, dense minus quantized, from
+    their shapes) and how many of those layers cannot be blocked; (0, 0) for none."""
+    method = recipe.model.quantize
+    if method == "none":
+        return 0, 0
+    from lorakit.quantization import quantizable, quantized_size
+    from lorakit.quantization.walk import dense_weight
+
+    saving = unquantized = 0
+    keep = tuple(recipe.lora.modules_to_save or ())
+    for name, module in model.named_modules():
+        if not quantizable(name, module, keep):
+            continue
+        w = dense_weight(module)
+        size = quantized_size(method, tuple(w.shape))
+        if size is None:
+            unquantized += 1
+        else:
+            saving += w.numel() * w.element_size() - size
+    return saving, unquantized
 
 
 def format_bytes(n: int) -> str:
@@ -229,6 +263,13 @@ def render(report: InfoReport) -> Group:
         summary.add_row(label, Text(value))
 
     row("model", f"{report.name_or_path} ({report.model_type}, {report.dtype})")
+    if report.quantized_base_bytes is not None:
+        dense = f"; {report.unquantized_layers} block layers stay dense" if report.unquantized_layers else ""
+        row(
+            "base weights",
+            f"{format_bytes(report.quantized_base_bytes)} {report.quantize} "
+            f"({format_bytes(report.base_bytes)} at {report.dtype}{dense})",
+        )
     row("architecture", report.architecture)
     labels = (
         f", {report.num_labels} label{'s' if report.num_labels != 1 else ''}" if report.num_labels else ""

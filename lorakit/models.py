@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,16 +56,71 @@ _PROBLEM_TYPES = {"regression": "regression", "multilabel": "multi_label_classif
 # the run's recipe (a PEFT folder handed to `lorakit predict`).
 KIND_METADATA = "lorakit.task_kind"
 LABELS_METADATA = "lorakit.label_names"
+# The quantization of the base the adapter was trained on (``model.quantize``: nf4 | int8; absent: none).
+QUANTIZE_METADATA = "lorakit.quantize"
+QUANTIZE_REPORT = "_lorakit_quantize_report"  # the model attribute holding build_model's QuantizeReport
 
 
-def head_metadata(task: Task | HeadSpec) -> dict[str, str]:
-    """The adapter-file metadata that names the task's kind and class names."""
+def head_metadata(task: Task | HeadSpec, quantize: str = "none") -> dict[str, str]:
+    """The adapter-file metadata that names the task's kind and class names (and the base's
+    quantization, when it was quantized)."""
     import json
 
     meta = {KIND_METADATA: task.kind}
     if task.label_names:
         meta[LABELS_METADATA] = json.dumps(list(task.label_names), ensure_ascii=False)
+    if quantize != "none":
+        meta[QUANTIZE_METADATA] = quantize
     return meta
+
+
+@dataclass(frozen=True)
+class QuantizedCounts(ParameterCounts):
+    """Parameter counts plus the base's quantization (``model.quantize``): metrics.json's ``parameters``
+    carries every field. ``base_weight_bytes``: every parameter and buffer but the adapter's, quantized
+    layers at their stored size."""
+
+    quantize: str = "none"
+    base_weight_bytes: int = 0
+    quantized_layers: int = 0
+    unquantized_layers: int = 0
+    unquantized: dict[str, str] = field(default_factory=dict)
+
+
+def model_counts(model: nn.Module) -> ParameterCounts:
+    """``count_parameters``, with the quantization figures when the base is quantized."""
+    counts = count_parameters(model)
+    report = getattr(model, QUANTIZE_REPORT, None)
+    if report is None:
+        return counts
+    from lorakit.quantization import base_weight_bytes
+
+    lora = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if is_lora_parameter(n))
+    return QuantizedCounts(
+        counts.total,
+        counts.trainable,
+        counts.lora,
+        quantize=report.method,
+        base_weight_bytes=base_weight_bytes(model) - lora,
+        quantized_layers=len(report.quantized),
+        unquantized_layers=len(report.unquantized),
+        unquantized=dict(report.unquantized),
+    )
+
+
+def quantize_base(model: nn.Module, recipe: Recipe, method: str | None = None) -> None:
+    """Store the blocks' linear layers of ``model`` quantized (``model.quantize``, or ``method``), in place;
+    the report is kept on the model (``QUANTIZE_REPORT``). A missing extra is a UserError there."""
+    method = method or recipe.model.quantize
+    if method == "none":
+        return
+    from lorakit.quantization import MissingExtraError, quantize_model
+
+    try:
+        report = quantize_model(model, method, keep=tuple(recipe.lora.modules_to_save or ()))
+    except MissingExtraError as exc:
+        raise UserError(str(exc).removeprefix("model.quantize: "), recipe.where("model.quantize")) from None
+    setattr(model, QUANTIZE_REPORT, report)
 
 
 @dataclass(frozen=True)
@@ -185,13 +240,17 @@ def check_max_length(recipe: Recipe, config: PretrainedConfig) -> None:
 
 
 def build_model(
-    recipe: Recipe, task: Task | HeadSpec, config: PretrainedConfig | None = None
+    recipe: Recipe,
+    task: Task | HeadSpec,
+    config: PretrainedConfig | None = None,
+    quantize: str | None = None,
 ) -> PreTrainedModel:
     """The base model for ``task``, weights at ``model.dtype``; the head is fresh when the checkpoint
     has none or one of another size. Every parameter is left trainable. ``config``: a ready
     ``model_config(recipe, task)``, to save reading it again. A decoder classifier pools each row's last
     real token by the attention mask, so a text ending with EOS is not read as padding
-    (``lorakit.pooling``); training, eval, predict, serve and merge all build their model here."""
+    (``lorakit.pooling``); training, eval, predict, serve and merge all build their model here. The
+    blocks' linear layers are then quantized as ``model.quantize`` (or ``quantize``, when given) says."""
     config = config if config is not None else model_config(recipe, task)
     path = recipe.model.name_or_path
     try:
@@ -212,6 +271,7 @@ def build_model(
         from lorakit.pooling import pool_last_real_token
 
         pool_last_real_token(model)  # a no-op for encoders, which pool their first token
+    quantize_base(model, recipe, quantize)
     return model
 
 
@@ -310,6 +370,20 @@ def prepare_model(recipe: Recipe, task: Task) -> PreparedModel:
     lora``, optionally starting from ``lora.init_from``), or everything trainable (``method: full``)."""
     if recipe.method == "full" and recipe.lora.init_from is not None:
         raise UserError("starting from a LoRA adapter needs method: lora", recipe.where("lora.init_from"))
+    if recipe.method == "full" and recipe.model.quantize != "none":
+        raise UserError(
+            f"a {recipe.model.quantize} base is frozen: quantize needs method: lora",
+            recipe.where("model.quantize"),
+        )
+    if recipe.model.quantize != "none":
+        from lorakit.quantization import MissingExtraError, check_available
+
+        try:  # before any weight is read
+            check_available(recipe.model.quantize)
+        except MissingExtraError as exc:
+            raise UserError(
+                str(exc).removeprefix("model.quantize: "), recipe.where("model.quantize")
+            ) from None
     tokenizer = load_tokenizer(recipe)
     hf_config = model_config(recipe, task)
     check_max_length(recipe, hf_config)
@@ -325,19 +399,33 @@ def prepare_model(recipe: Recipe, task: Task) -> PreparedModel:
     config, adapted = apply_lora(recipe, model, task)
     if recipe.lora.init_from is not None:
         _init_from_run(recipe, model, config)
-    return PreparedModel(model, tokenizer, config, adapted, count_parameters(model))
+    _quantized_frozen(model, recipe)
+    return PreparedModel(model, tokenizer, config, adapted, model_counts(model))
 
 
-def load_trained(run_dir: str | Path, recipe: Recipe, task: Task) -> PreparedModel:
+def _quantized_frozen(model: nn.Module, recipe: Recipe) -> None:
+    """After LoRA injection: the DDP ignore list names the quantized weights where they now are."""
+    if getattr(model, QUANTIZE_REPORT, None) is None:
+        return
+    from lorakit.quantization import refresh_ddp_ignore
+
+    refresh_ddp_ignore(model)
+
+
+def load_trained(
+    run_dir: str | Path, recipe: Recipe, task: Task, quantize: str | None = None
+) -> PreparedModel:
     """The base model with ``run_dir``'s adapter loaded, in eval mode, for evaluation and merging.
 
     The adapter file, not the recipe, says which modules carry LoRA, so the model is exactly the one
     that was saved. A full fine-tuning run is read from ``run_dir/model`` (where training saves it).
+    The base is quantized as the run's ``model.quantize`` says (``quantize``: another choice, ``none``
+    for the original weights), rebuilt from the original checkpoint.
     """
     run = Path(run_dir)
     tokenizer = load_tokenizer(recipe)
     if (run / WEIGHTS_NAME).is_file():
-        model = build_model(recipe, task)
+        model = build_model(recipe, task, quantize=quantize)
         try:
             config: LoraConfig | None = load_adapter(model, run)
         except (ValueError, RuntimeError) as exc:
@@ -351,4 +439,4 @@ def load_trained(run_dir: str | Path, recipe: Recipe, task: Task) -> PreparedMod
     else:
         raise UserError(f"no trained model here ({WEIGHTS_NAME} or {FULL_MODEL_DIR}/)", str(run))
     model.eval()
-    return PreparedModel(model, tokenizer, config, adapted, count_parameters(model))
+    return PreparedModel(model, tokenizer, config, adapted, model_counts(model))

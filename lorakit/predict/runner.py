@@ -24,15 +24,48 @@ from lorakit.predict.sources import AdapterSource, check_one_base
 Output = dict[str, Any]
 
 
+# ``--quantize`` of `lorakit predict` / `lorakit serve`: the shared base's quantization for every
+# Predictor this process builds (None: the first run's ``model.quantize``; PEFT folders: none).
+_BASE_QUANTIZE: str | None = None
+
+
+@contextlib.contextmanager
+def base_quantize(method: str | None) -> Iterator[None]:
+    """Build every Predictor's base quantized by ``method`` (nf4 | int8 | none) inside the block;
+    None changes nothing. UserError at ``--quantize`` for another name or a missing extra."""
+    global _BASE_QUANTIZE
+    if method is not None:
+        from lorakit.quantization import QUANTIZE_CHOICES, MissingExtraError, check_available
+
+        if method not in QUANTIZE_CHOICES:
+            raise UserError(f"expected one of {', '.join(QUANTIZE_CHOICES)} (got {method!r})", "--quantize")
+        try:
+            check_available(method)
+        except MissingExtraError as exc:
+            raise UserError(str(exc).removeprefix("model.quantize: "), "--quantize") from None
+    previous, _BASE_QUANTIZE = _BASE_QUANTIZE, method if method is not None else _BASE_QUANTIZE
+    try:
+        yield
+    finally:
+        _BASE_QUANTIZE = previous
+
+
 def _base_recipe(sources: Sequence[AdapterSource], base: str) -> Any:
     """The recipe the base model is built from: the first run's model section (dtype, tokenizer,
-    trust_remote_code) pointed at ``base``, or the defaults for plain PEFT adapters."""
+    trust_remote_code, quantize) pointed at ``base``, or the defaults for plain PEFT adapters; ``--quantize``
+    (``base_quantize``) sets the quantization of either."""
     from lorakit.recipe import recipe_from_dict
 
     recipe = next((s.recipe for s in sources if s.recipe is not None), None)
     if recipe is None:
-        return recipe_from_dict({"model": {"name_or_path": base}}, source="--base")
-    model = recipe.model.model_copy(update={"name_or_path": base})
+        model_section: dict[str, Any] = {"name_or_path": base}
+        if _BASE_QUANTIZE is not None:
+            model_section["quantize"] = _BASE_QUANTIZE
+        return recipe_from_dict({"model": model_section}, source="--base")
+    update: dict[str, Any] = {"name_or_path": base}
+    if _BASE_QUANTIZE is not None:
+        update["quantize"] = _BASE_QUANTIZE
+    model = recipe.model.model_copy(update=update)
     return recipe.model_copy(update={"model": model})
 
 
@@ -69,9 +102,9 @@ class Predictor:
         for source in sources:
             self.add(source)
         if merge:
-            from lorakit.lora import unload_lora
+            from lorakit.quantization import merge_dense  # dense W0 + BA (dequantized W0 if quantized)
 
-            self.model = unload_lora(self.model, merge=True)
+            self.model = merge_dense(self.model)
             self.merged = True
 
     def add(self, source: AdapterSource) -> None:

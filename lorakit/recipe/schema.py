@@ -53,6 +53,9 @@ class ModelSection(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
     tokenizer: ModelPath | None = Field(None, min_length=1)  # when it differs from the model
+    # The transformer blocks' linear layers stored quantized and frozen (QLoRA; ``lorakit.quantization``):
+    # nf4 (torchao, the `quant` extra) or int8 (per-row absmax); embeddings, norms and the head stay dense.
+    quantize: Literal["none", "nf4", "int8"] = "none"
 
 
 class LoraSection(_Section):

@@ -31,6 +31,13 @@ MaxInputs = Annotated[int, typer.Option("--max-inputs", help="Most inputs in one
 Merged = Annotated[
     bool, typer.Option("--merged", help="One merged base copy per adapter (more memory, no LoRA per row).")
 ]
+Quantize = Annotated[
+    str | None,
+    typer.Option(
+        "--quantize",
+        help="nf4 or int8: the shared base stored quantized (default: the run's model.quantize).",
+    ),
+]
 LogLevel = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")]
 SummaryEvery = Annotated[
     float, typer.Option("--summary-every", help="Seconds between summary lines (rows/s, waits).")

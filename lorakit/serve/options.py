@@ -31,6 +31,7 @@ class ServeOptions:
     max_wait_ms: float = 5.0
     max_inputs: int = 1024
     merged: bool = False
+    quantize: str | None = None  # the shared base's quantization (--quantize); None: the runs' own
     log_level: str = "info"
     summary_every: float = 60.0
     api_keys: list[str] = field(default_factory=list)

@@ -29,7 +29,7 @@ def save_trained(
             prepared.lora_config,
             recipe.model.name_or_path,
             _task_type(task),
-            metadata=head_metadata(task),
+            metadata=head_metadata(task, recipe.model.quantize),
         )
         return
     target = out_dir / "model"
