@@ -31,14 +31,17 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check lorakit tests scripts
 	$(VENV)/bin/ruff format --check lorakit tests scripts
 
+# bench_overload.py runs its own `lorakit serve` process and re-renders RESULTS.md with the sections above.
 bench: $(STAMP)
 	$(PY) scripts/bench.py --out benchmarks
+	$(PY) scripts/bench_overload.py --out benchmarks
 
 bench-quick: $(STAMP)
 	$(PY) scripts/bench.py --quick --out benchmarks
 
 bench-serve: $(STAMP)
 	$(PY) scripts/bench.py --only serve --out benchmarks
+	$(PY) scripts/bench_overload.py --out benchmarks
 
 # The learning-rate sweep whose picks `make bench`'s quality section trains with, each method at four
 # rates on held-out training rows, through `lorakit train`. Run before `make bench` when the quality

@@ -1,6 +1,7 @@
 """The shapes of the paper's models, for figures that need only a config (no weights, no hub):
 ``lorakit info``-style parameter counts, adapter sizes, memory estimates, and the benchmarks' models
-(random weights: the values do not change a step's cost)."""
+(random weights: the values do not change a step's cost). ``FAMILY_MODELS`` adds shapes of families the
+paper predates, built the same way, for the benchmarks only."""
 
 from __future__ import annotations
 
@@ -43,6 +44,30 @@ PAPER_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt2-medium": ("gpt2", dict(n_embd=1024, n_layer=24, n_head=16)),
 }
 
+# Modern decoders the paper predates (issue 24), kept apart from PAPER_MODELS, whose four the sizes
+# benchmark and `lorakit info`'s tests walk. name -> (model_type, config keys), as above.
+FAMILY_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    # The Llama architecture at ~350M parameters (348,701,696, untied): hidden 1024, 24 layers, 16 query
+    # heads of 64 over 8 key/value heads (grouped-query attention, 2 query heads a group), a SwiGLU MLP
+    # 2816 wide, RMSNorm, rotary positions, Llama 2's 32,000-token vocabulary, and input embedding and
+    # output head untied, as Llama 2's (65.5M of the 348.7M). Tied it would be 315.9M.
+    "llama-350m": (
+        "llama",
+        dict(
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            intermediate_size=2816,
+            vocab_size=32000,
+            tie_word_embeddings=False,
+        ),
+    ),
+}
+# Every shape paper_config and paper_model build; the decoders among them are built as causal LMs.
+MODELS: dict[str, tuple[str, dict[str, Any]]] = {**PAPER_MODELS, **FAMILY_MODELS}
+DECODERS = frozenset({"gpt2", "llama"})
+
 
 def save_paper_config(name: str, out_dir: str | Path) -> Path:
     """Write ``config.json`` (and nothing else) for the paper model ``name`` into ``out_dir``."""
@@ -61,19 +86,20 @@ PAPER_LORA: dict[str, tuple[int, str]] = {
 
 
 def paper_config(name: str, **overrides: Any) -> Any:
-    """The transformers config of the paper model ``name``, with ``overrides`` (``num_labels``, or a
-    narrower shape for a stand-in) applied."""
+    """The transformers config of the paper model (or ``FAMILY_MODELS`` shape) ``name``, with
+    ``overrides`` (``num_labels``, or a narrower shape for a stand-in) applied."""
     from transformers import AutoConfig
 
-    model_type, keys = PAPER_MODELS[name]
+    model_type, keys = MODELS[name]
     return AutoConfig.for_model(model_type, **{**keys, **overrides})
 
 
 def paper_model(name: str, **overrides: Any) -> Any:
-    """The paper model ``name`` with random weights (``paper_config``): a sequence classifier for the
-    encoders, a causal LM for GPT-2. Built under ``torch.device("meta")`` it holds no storage at all."""
+    """The model ``name`` with random weights (``paper_config``): a sequence classifier for the
+    encoders, a causal LM for the decoders (GPT-2, Llama). Built under ``torch.device("meta")`` it holds
+    no storage at all."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = paper_config(name, **overrides)
-    auto = AutoModelForCausalLM if config.model_type == "gpt2" else AutoModelForSequenceClassification
+    auto = AutoModelForCausalLM if config.model_type in DECODERS else AutoModelForSequenceClassification
     return auto.from_config(config)

@@ -1,6 +1,6 @@
 """lorakit's benchmarks: LoRA's promises measured against what a user would pick instead, in one run.
 
-    python scripts/bench.py --out benchmarks            # make bench        (about 40 minutes, 2 CPU cores)
+    python scripts/bench.py --out benchmarks            # make bench (50 min on 2 cores; + bench_overload.py)
     python scripts/bench.py --quick --out benchmarks    # make bench-quick  (a few minutes)
     python scripts/bench.py --only speed --out DIR      # one section (repeatable; see SECTIONS)
 
@@ -21,6 +21,7 @@ SECTIONS = (
     "sizes",
     "speed",
     "speed-bf16",
+    "speed-llama",
     "inference",
     "inference-bf16",
     "adapters",
@@ -39,6 +40,7 @@ def _plan(quick: bool) -> dict:
         sst2 = TaskPlan("sst2", "SST-2", 160, 1, eval_rows=200)
         return {
             "speed": [("roberta-small", 8, 64, 2), ("gpt2-small4", 4, 64, 2)],
+            "speed_llama": [("llama-small4", 4, 64, 2)],
             "layers": [("roberta-small", 8, 64, 20), ("gpt2-small4", 4, 64, 20)],
             "inference": ("roberta-small", (1, 32), 128, (5, 2)),
             "inference_layers": [("roberta-small", rows, 64, 10, 8, False) for rows in (1, 32)],
@@ -52,8 +54,8 @@ def _plan(quick: bool) -> dict:
         }
     import torch
 
-    # GPT-2 medium at 16 × 128 would put the section over its time budget on 2 CPU cores: 4 × 128 there,
-    # 16 × 128 on a GPU.
+    # GPT-2 medium (and the ~350M Llama) at 16 × 128 would put a section over its time budget on 2 CPU
+    # cores: 4 × 128 there, 16 × 128 on a GPU.
     gpt2_rows = 16 if torch.cuda.is_available() else 4
     quality = [
         TaskPlan("sst2", "SST-2", 1500, 2),
@@ -65,6 +67,9 @@ def _plan(quick: bool) -> dict:
     return {
         # Rounds of the LoRA contenders, then how many of them also run a full fine-tuning step.
         "speed": [("roberta-base", 16, 128, 3, 2), ("gpt2-medium", gpt2_rows, 128, 3, 2)],
+        # The Llama shape alone in its section: 8 rounds of the LoRA contenders, full fine-tuning in 6
+        # (one whole cycle of the three-way orders), about 4 minutes on 2 CPU cores.
+        "speed_llama": [("llama-350m", gpt2_rows, 128, 8, 6)],
         "layers": [("roberta-base", 16, 128, 20), ("gpt2-medium", gpt2_rows, 128, 20)],
         "inference": ("roberta-base", (1, 32), 128, (10, 3)),
         # gpt2-medium's c_attn at 32 × 128 runs a third of a second per unit, and its gap is wide.
@@ -116,6 +121,26 @@ def run_section(name: str, quick: bool, out: Path, data_root: Path) -> dict:
     if name == "speed-bf16":
         steps = [bench_speed.train_step_benchmark(*spec, precision="bf16") for spec in plan["speed"]]
         return {"models": steps}
+    if name == "speed-llama":
+        import os
+
+        from bench_common import SHAPES
+
+        steps = [bench_speed.train_step_benchmark(*spec) for spec in plan["speed_llama"]]
+        shapes = {m["model"]: SHAPES[m["model"]] for m in steps}
+        return {
+            "models": steps,
+            "shapes": {
+                k: {
+                    "family": v.family,
+                    "config": dict(v.config),
+                    "lorakit_targets": v.lorakit_targets,
+                    "peft_targets": v.peft_targets,
+                }
+                for k, v in shapes.items()
+            },
+            "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        }
     if name == "inference":
         return {
             **bench_speed.inference_benchmark(*plan["inference"]),

@@ -30,7 +30,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402  (after the environment above)
 from torch import nn  # noqa: E402
 
-from lorakit.paper_models import PAPER_MODELS, paper_model  # noqa: E402
+from lorakit.paper_models import DECODERS, MODELS, paper_model  # noqa: E402
 
 CONTENDERS = ("lorakit", "peft", "full")
 THREADS = 2  # the CPU budget the benchmarks are specified for; bench.py --threads changes it
@@ -38,37 +38,46 @@ THREADS = 2  # the CPU budget the benchmarks are specified for; bench.py --threa
 
 @dataclass(frozen=True)
 class ModelShape:
-    """A paper model (``lorakit.paper_models``) built from its config with random weights, optionally
-    narrowed (``overrides``): no download, the same weights for every contender."""
+    """A paper model (or a later family's shape: ``lorakit.paper_models.MODELS``) built from its config
+    with random weights, optionally narrowed (``overrides``): no download, the same weights for every
+    contender."""
 
     name: str
-    paper: str  # the PAPER_MODELS entry it derives from
+    paper: str  # the lorakit.paper_models.MODELS entry it derives from
     overrides: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def family(self) -> str:
-        return PAPER_MODELS[self.paper][0]
+        return MODELS[self.paper][0]
 
     @property
     def config(self) -> dict[str, Any]:
-        return {**PAPER_MODELS[self.paper][1], **self.overrides}
+        return {**MODELS[self.paper][1], **self.overrides}
+
+    @property
+    def decoder(self) -> bool:
+        """A causal LM trained on next tokens (GPT-2, Llama), not a sequence classifier."""
+        return self.family in DECODERS
 
     @property
     def heads(self) -> tuple[str, ...]:
-        return () if self.family == "gpt2" else ("classifier",)
+        return () if self.decoder else ("classifier",)
 
     # GPT-2's q|k|v live in one Conv1D, c_attn (d → 3d). lorakit adapts the q and v slices with a rank-r
     # pair each: 2·r·(d + d) parameters a layer. PEFT can only adapt c_attn whole; with the same r that is
-    # r·(d + 3d): exactly the same count, so PEFT gets r unchanged.
+    # r·(d + 3d): exactly the same count, so PEFT gets r unchanged. Elsewhere both adapt the paper's W_q
+    # and W_v as lorakit's preset for the family names them: RoBERTa's query and value, Llama's q_proj and
+    # v_proj.
     @property
     def lorakit_targets(self) -> list[str]:
-        return ["c_attn[q,v]"] if self.family == "gpt2" else ["query", "value"]
+        return list(_TARGETS.get(self.family, ("query", "value")))
 
     @property
     def peft_targets(self) -> list[str]:
-        return ["c_attn"] if self.family == "gpt2" else ["query", "value"]
+        return ["c_attn"] if self.family == "gpt2" else self.lorakit_targets
 
 
+_TARGETS = {"gpt2": ("c_attn[q,v]",), "llama": ("q_proj", "v_proj")}  # else query and value
 _LABELS = {"num_labels": 2}
 _SMALL = dict(
     vocab_size=8000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024
@@ -79,8 +88,24 @@ SHAPES = {
     for s in (
         ModelShape("roberta-base", "roberta-base", _LABELS),
         ModelShape("gpt2-medium", "gpt2-medium"),
+        ModelShape("llama-350m", "llama-350m"),
         ModelShape("roberta-small", "roberta-base", {**_LABELS, **_SMALL}),
         ModelShape("gpt2-small4", "gpt2-medium", dict(n_embd=256, n_layer=4, n_head=4, vocab_size=8000)),
+        ModelShape(
+            "llama-small4", "llama-350m", {**_SMALL, "num_key_value_heads": 2, "intermediate_size": 704}
+        ),
+        ModelShape(
+            "llama-tiny",
+            "llama-350m",
+            dict(
+                vocab_size=500,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=88,
+            ),
+        ),
         ModelShape(
             "roberta-tiny",
             "roberta-base",
@@ -118,9 +143,12 @@ def apply_contender(model: nn.Module, shape: ModelShape, contender: str, r: int,
         model.requires_grad_(True)
         return model
     if contender == "lorakit":
+        from lorakit.families import fused_slices
         from lorakit.lora import LoraConfig, inject_lora, mark_trainable
 
-        config = LoraConfig(r=r, alpha=alpha, target_modules=shape.lorakit_targets)
+        # As `lorakit train` builds it: fused layouts (GPT-2's c_attn q|k|v) from the model's config.
+        slices = fused_slices(model.config)
+        config = LoraConfig(r=r, alpha=alpha, target_modules=shape.lorakit_targets, fused_slices=slices)
         inject_lora(model, config)
         mark_trainable(model, "none", shape.heads)
         return model

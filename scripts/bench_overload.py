@@ -428,6 +428,7 @@ def render(r: dict[str, Any]) -> list[str]:
         "by the clients (one event loop in the benchmark's process, a hand-written keep-alive HTTP/1.1 "
         "client) and by every other process on the machine.",
         "",
+        *([r["note"], ""] if r.get("note") else []),
     ]
 
 
@@ -444,6 +445,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve-overload.json").write_text(json.dumps(result, indent=2) + "\n")
     print("\n".join(render(result)))
+    import bench_report  # scripts/ is on the path when this file runs
+
+    print(f"[bench] wrote {bench_report.render(args.out)}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from typing import Any
 
 from bench_common import read_json
 from bench_format import bars, ci, header, mib, ms, table
+from bench_overload import render as render_overload
 from bench_quality import seed_gaps
 from bench_serve import render as render_serve
 from bench_serve import serve_targets
@@ -48,8 +49,8 @@ INFER = {"base": "base", "lorakit_unmerged": "lorakit unmerged", "lorakit_merged
 INFER |= {"peft_unmerged": "PEFT unmerged"}
 
 
-def targets(sections: dict[str, Any]) -> list[tuple[str, str, bool]]:
-    """Every target as (target, measured, met)."""
+def targets(sections: dict[str, Any], overload: dict[str, Any] | None = None) -> list[tuple[str, str, bool]]:
+    """Every target as (target, measured, met); ``overload``: scripts/bench_overload.py's result."""
     rows: list[tuple[str, str, bool]] = []
     layers = []
     if "speed" in sections:
@@ -70,6 +71,9 @@ def targets(sections: dict[str, Any]) -> list[tuple[str, str, bool]]:
             peft, full = rounds["lorakit_over_peft"], rounds["lorakit_over_full"]
             rows.append((f"{where}: LoRA step ≤ 0.95× PEFT's", ci(peft), peft["ratio_median"] <= 0.95))
             rows.append((f"{where}: LoRA step ≤ 0.70× full's", ci(full), full["ratio_median"] <= 0.70))
+    if "speed-llama" in sections:  # the bounds of issue 24, fixed before the first Llama run
+        for m in sections["speed-llama"]["result"]["models"]:
+            rows += llama_targets(m)
     # bf16 inference keeps the fp32 bounds (issue 16, fixed before the first bf16 inference run).
     for key, tag in (("inference", ""), ("inference-bf16", " bf16")):
         if key not in sections:
@@ -90,6 +94,16 @@ def targets(sections: dict[str, Any]) -> list[tuple[str, str, bool]]:
         rows += adapter_targets(sections["adapters"]["result"])
     if "serve" in sections:
         rows += serve_targets(sections["serve"]["result"])
+    if overload:
+        t = overload["targets"]
+        rows += [
+            (f"serve overload: {name}", ratio, t[name])
+            for name, ratio in (
+                ("accepted rows/s >= 0.9x unloaded", _range(overload["throughput_ratio"])),
+                ("peak RSS <= 1.10x unloaded", _range(overload["rss_ratio"])),
+                ("no 5xx", ""),
+            )
+        ]
     if "whole-run" in sections:
         rows += whole_run_targets(sections["whole-run"]["result"])
     if "quality" in sections:
@@ -101,6 +115,20 @@ def targets(sections: dict[str, Any]) -> list[tuple[str, str, bool]]:
                 (f"{task['task']}: LoRA − full ≥ −2.0 points", f"{median:+.1f} ({per_seed})", median >= -2.0)
             )
     return rows
+
+
+def _range(stats: dict[str, Any]) -> str:
+    return f"{stats['median']:.3f} [range {stats['min']:.3f}, {stats['max']:.3f}]"
+
+
+def llama_targets(m: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """The modern decoder's step targets: lorakit's step ≤ 1.00× PEFT's, LoRA's ≤ 0.75× full's."""
+    where, rounds = f"{m['model']} {m['batch']}×{m['seq']}", m["round_ratios"]
+    peft, full = rounds["lorakit_over_peft"], rounds["lorakit_over_full"]
+    return [
+        (f"{where}: LoRA step ≤ 1.00× PEFT's", ci(peft), peft["ratio_median"] <= 1.0),
+        (f"{where}: LoRA step ≤ 0.75× full's", ci(full), full["ratio_median"] <= 0.75),
+    ]
 
 
 def adapter_targets(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
@@ -192,6 +220,67 @@ def _speed(data: dict[str, Any], out: Path, precision: str = "fp32") -> list[str
     png = "train_step_bf16.png" if bf16 else "train_step.png"
     bars(out / png, f"{title} (median)", groups, series, "seconds")
     return lines + [f"![{title.lower()}]({png})", ""]
+
+
+def _speed_llama(data: dict[str, Any]) -> list[str]:
+    r = data["result"]
+    size = ", ".join(f"{m['contenders']['full']['trainable'] / 1e6:.1f}M parameters" for m in r["models"])
+    lines = header(f"Training step, a modern decoder: Llama architecture, {size}", data)
+    lines += [data["note"], ""] if data.get("note") else []
+    rows, ratio_rows, notes = [], [], []
+    for m in r["models"]:
+        where = f"{m['model']} {m['batch']}×{m['seq']}"
+        for name, c in m["contenders"].items():
+            rows.append(
+                [where, NAMES[name], f"{c['trainable']:,}", f"{c['median_s']:.2f} s", c["reps"]]
+                + [mib(c["peak_memory_bytes"])]
+            )
+        targets = dict(zip(("lorakit_over_peft", "lorakit_over_full"), llama_targets(m), strict=True))
+        for key, label in (
+            ("lorakit_over_peft", "lorakit LoRA / PEFT LoRA"),
+            ("lorakit_over_full", "lorakit LoRA / full fine-tuning"),
+            ("peft_over_full", "PEFT LoRA / full fine-tuning"),
+        ):
+            stats, target = m["round_ratios"][key], targets.get(key)
+            bound = target[0].rsplit(": LoRA step ", 1)[1] if target else "—"
+            met = ("yes" if target[2] else "**no**") if target else "—"
+            ratio_rows.append(
+                [
+                    where,
+                    label,
+                    len(stats["ratios"]),
+                    ci(stats),
+                    f"{stats['cpu_ratio_median']:.3f}",
+                    bound,
+                    met,
+                ]
+            )
+        ratios, shape = m["ratios"], r.get("shapes", {}).get(m["model"])
+        text = (
+            f"{where}: peak memory lorakit / full {ratios['memory_lorakit_over_full']:.3f}, lorakit / PEFT "
+            f"{ratios['memory_lorakit_over_peft']:.3f} (no target)."
+        )
+        if shape:
+            keys = ", ".join(f"{k} {v}" for k, v in shape["config"].items())
+            text += (
+                f" {m['model']}: {shape['family']} ({keys}); {m['contenders']['full']['trainable']:,} "
+                "parameters (full fine-tuning's trainable), random weights, a causal LM trained on next "
+                f"tokens as GPT-2 medium is; LoRA r = {m['r']}, alpha = {m.get('alpha', 16.0):g} on "
+                f"{', '.join(shape['lorakit_targets'])} (lorakit's preset), PEFT on "
+                f"{', '.join(shape['peft_targets'])}; {m['precision']}, torch's fused AdamW for every "
+                "contender."
+            )
+        notes += [text, ""]
+    lines += table(["model", "contender", "trainable", "median step", "rounds", "peak memory"], rows)
+    head = ["model", "step time, round by round", "rounds", "wall: median [95%]", "CPU time: median"]
+    lines += table([*head, "target", "met"], ratio_rows) + notes
+    end = r.get("load_average_end")
+    load = f"Load average at the end: {end[0]:.2f} / {end[1]:.2f} / {end[2]:.2f}. " if end else ""
+    return lines + [
+        f"{load}Reproduce: `python scripts/bench.py{' --quick' if data.get('quick') else ''} --only "
+        "speed-llama --out benchmarks`.",
+        "",
+    ]
 
 
 def _inference(data: dict[str, Any], out: Path) -> list[str]:
@@ -336,17 +425,17 @@ def _history(sweep: dict[str, Any] | None, variants: dict[str, Any] | None) -> l
 
 def render(out: Path) -> Path:
     """Write ``out/RESULTS.md`` (and PNGs) from the section JSON files in ``out``; returns its path."""
-    names = ("sizes", "speed", "speed-bf16", "inference", "inference-bf16", "adapters", "serve", "quality")
-    names += ("whole-run", "lr-sweep", "lora-variants")
+    names = ("sizes", "speed", "speed-bf16", "speed-llama", "inference", "inference-bf16", "adapters")
+    names += ("serve", "quality", "whole-run", "lr-sweep", "lora-variants")
     sections = {n: d for n in names if (d := read_json(out / f"{n}.json"))}
     quick = any(d.get("quick") for d in sections.values())
     lines = ["# lorakit benchmarks", "", METHOD + (" **Quick run.**" if quick else ""), ""]
-    measured = [sections[n] for n in names[:9] if n in sections]
+    measured = [sections[n] for n in names[:10] if n in sections]
     if measured:
         took = " + ".join(f"{d['section']} {d['seconds']:.0f} s" for d in measured)
         lines += [f"This run: {took} = {sum(d['seconds'] for d in measured) / 60:.1f} minutes.", ""]
     lines += [RULES, ""]
-    rows = targets(sections)
+    rows = targets(sections, read_json(out / "serve-overload.json"))
     if rows:
         lines += ["## Targets", ""] + table(
             ["target", "measured: median [95%]", "met"],
@@ -357,6 +446,8 @@ def render(out: Path) -> Path:
         lines += _speed(sections["speed"], out)
     if "speed-bf16" in sections:
         lines += _speed(sections["speed-bf16"], out, "bf16")
+    if "speed-llama" in sections:
+        lines += _speed_llama(sections["speed-llama"])
     for key in ("inference", "inference-bf16"):
         if key in sections:
             lines += _inference(sections[key], out)
@@ -367,6 +458,8 @@ def render(out: Path) -> Path:
         lines += _adapters(sections["adapters"])
     if "serve" in sections:
         lines += render_serve(sections["serve"])
+    if overload := read_json(out / "serve-overload.json"):  # scripts/bench_overload.py, its own run
+        lines += render_overload(overload)
     if "whole-run" in sections:
         lines += render_whole_run(sections["whole-run"])
     if many := read_json(out / "many-tasks.json"):

@@ -8,6 +8,11 @@ weights stay float32 (the trainable ones are what AdamW updates), the forward pa
 bf16 measurement: lorakit's bf16 step ≤ 0.95× PEFT's bf16 step, and LoRA's bf16 step ≤ 0.70× full
 fine-tuning's bf16 step (medians of the round-by-round ratios).
 
+A modern decoder (section ``speed-llama``, issue 24): the Llama architecture at ~350M parameters
+(``lorakit.paper_models.FAMILY_MODELS``), a causal LM trained on next tokens as GPT-2 medium is, LoRA on
+q_proj and v_proj (lorakit's preset for Llama). Targets, fixed before the first measurement: lorakit's
+step ≤ 1.00× PEFT's, and LoRA's step ≤ 0.75× full fine-tuning's (medians of the round-by-round ratios).
+
 Training steps run in one worker process per contender, so that each one's peak memory is its own
 (peak resident set size on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU). The parent drives the
 workers in turn, one step at a time, so their timed steps interleave as they would in one process.
@@ -52,7 +57,7 @@ def make_batch(shape: ModelShape, rows: int, seq: int, device: torch.device) -> 
     vocab = shape.config.get("vocab_size", 50257)
     ids = torch.randint(3, vocab, (rows, seq), generator=gen)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if shape.family == "gpt2":
+    if shape.decoder:
         batch["labels"] = ids.clone()
     else:
         batch["labels"] = torch.randint(0, shape.config["num_labels"], (rows,), generator=gen)
@@ -87,7 +92,7 @@ def _step_worker(conn: Connection, job: dict[str, Any]) -> None:
     model = apply_contender(build_base(shape).to(device), shape, job["contender"], job["r"], job["alpha"])
     model.train()
     optimizer = build_optimizer(model, LR, WEIGHT_DECAY)
-    kind = "generation" if shape.family == "gpt2" else "classification"
+    kind = "generation" if shape.decoder else "classification"
     batch = make_batch(shape, job["rows"], job["seq"], device)
     warm = {k: v[:WARMUP_ROWS] for k, v in batch.items()}
     conn.send(
@@ -180,7 +185,8 @@ def train_step_benchmark(
         for proc, _ in workers.values():
             if proc.is_alive():
                 proc.kill()
-    result: dict[str, Any] = {"model": shape_name, "batch": rows, "seq": seq, "r": r, "precision": precision}
+    result: dict[str, Any] = {"model": shape_name, "batch": rows, "seq": seq, "r": r, "alpha": alpha}
+    result["precision"] = precision
     result["contenders"] = {}
     for name in CONTENDERS:
         peak = info[name].get("cuda_max_allocated_bytes", info[name]["peak_rss_bytes"])
@@ -227,7 +233,7 @@ def _one_layer(shape: ModelShape, contender: str, r: int) -> nn.Module:
         name, layer = "c_attn", Conv1D(3 * d, d)
     else:
         d = shape.config["hidden_size"]
-        name, layer = "query", nn.Linear(d, d)
+        name, layer = shape.peft_targets[0], nn.Linear(d, d)  # W_q: RoBERTa's query, Llama's q_proj
     holder = _Holder(name, layer)
     if contender == "base":
         return holder.requires_grad_(False)
@@ -302,7 +308,7 @@ def layer_benchmark(
     if "merged" in times:
         rounds["merged_over_base"] = ratio_stats(times["merged"], times["base"])
     round_over = {k: rounds[f"{k}_overhead"]["median_s"] for k in ("lorakit", "peft")}
-    module = "c_attn (q|k|v)" if shape.family == "gpt2" else "query"
+    module = "c_attn (q|k|v)" if shape.family == "gpt2" else shape.peft_targets[0]
     return {
         "model": shape_name,
         "module": module,

@@ -419,3 +419,84 @@ def test_the_own_data_section_says_no_when_the_demo_differs_from_the_built_in_ta
     (tmp_path / "own-data.json").write_text(json.dumps(measured))
     text = bench_report.render(tmp_path).read_text()
     assert "## Your own data" in text and "rows: **no**; the two adapter files are **not** identical" in text
+
+
+def test_the_llama_shape_is_a_350m_decoder_adapted_on_q_proj_and_v_proj(bench) -> None:
+    """The modern decoder's shape from its config alone, on the meta device (no 350M weights): about 350M
+    parameters, a causal LM, and both LoRA contenders adapt q_proj and v_proj with the same count."""
+    import torch
+    from bench_common import SHAPES, apply_contender, build_base
+
+    from lorakit.lora import count_parameters
+
+    shape = SHAPES["llama-350m"]
+    assert shape.family == "llama" and shape.decoder and shape.heads == ()
+    assert shape.lorakit_targets == shape.peft_targets == ["q_proj", "v_proj"]
+    c = shape.config
+    assert (c["hidden_size"], c["num_hidden_layers"], c["num_key_value_heads"]) == (1024, 24, 8)
+    with torch.device("meta"):
+        model = build_base(shape)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    # 24 · (q, o 1024² + k, v 1024·512 + SwiGLU 3 · 1024·2816 + 2 norms) + untied embedding and head + norm
+    layer = 2 * 1024**2 + 2 * 1024 * 512 + 3 * 1024 * 2816 + 2 * 1024
+    assert count_parameters(model).total == 24 * layer + 2 * 32000 * 1024 + 1024 == 348_701_696
+    # r = 8 on q_proj (1024 → 1024) and v_proj (1024 → 512, grouped-query) in every layer.
+    lora = 24 * 8 * ((1024 + 1024) + (1024 + 512))
+    for contender in ("lorakit", "peft"):
+        with torch.device("meta"):
+            adapted = apply_contender(build_base(shape), shape, contender, 8, 16.0)
+        assert count_parameters(adapted).trainable == lora == 688_128
+
+
+def test_the_llama_step_section_on_a_tiny_llama(
+    bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plan = bench._plan(quick=True)
+    assert [spec[0] for spec in bench._plan(quick=False)["speed_llama"]] == ["llama-350m"]
+    monkeypatch.setattr(bench, "_plan", lambda quick: {**plan, "speed_llama": [("llama-tiny", 2, 16, 3, 2)]})
+    assert bench.main(["--quick", "--only", "speed-llama", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "quick" / "speed-llama.json").read_text())
+    (model,) = data["result"]["models"]
+    assert model["model"] == "llama-tiny" and (model["batch"], model["seq"], model["r"]) == (2, 16, 8)
+    contenders = model["contenders"]
+    assert {k: c["reps"] for k, c in contenders.items()} == {"lorakit": 3, "peft": 3, "full": 2}
+    # q_proj 32 → 32 and v_proj 32 → 16 (2 key/value heads of 8), r = 8, 2 layers; no head trains.
+    assert contenders["lorakit"]["trainable"] == contenders["peft"]["trainable"] == 2 * 8 * (64 + 48)
+    shape = data["result"]["shapes"]["llama-tiny"]
+    assert shape["family"] == "llama" and shape["lorakit_targets"] == ["q_proj", "v_proj"]
+    results = (tmp_path / "quick" / "RESULTS.md").read_text()
+    assert "## Training step, a modern decoder: Llama architecture, 0.1M parameters" in results
+    rounds = model["round_ratios"]
+    for name, key, bound in (("PEFT's", "lorakit_over_peft", 1.0), ("full's", "lorakit_over_full", 0.75)):
+        row = _target(results, f"llama-tiny 2×16: LoRA step ≤ {bound:.2f}× {name}")
+        median = rounds[key]["ratio_median"]
+        low, high = rounds[key]["ratio_ci95"]
+        assert f"| {median:.3f} [{low:.3f}, {high:.3f}] |" in row
+        assert row.endswith("| yes |" if median <= bound else "| **no** |")
+    assert "--quick --only speed-llama" in results
+    assert not list((tmp_path / "quick").glob("*.png"))  # a table, no plot
+
+
+def test_the_overload_run_is_rendered_with_its_targets_and_says_no_when_missed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """RESULTS.md takes scripts/bench_overload.py's JSON: its section, its note and its rows in the
+    Targets table, each target's verdict read from the run (a missed one is **no**)."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import bench_report
+
+    measured = json.loads((REPO / "benchmarks" / "serve-overload.json").read_text())
+    (tmp_path / "serve-overload.json").write_text(json.dumps(measured))
+    text = bench_report.render(tmp_path).read_text()
+    assert "## `lorakit serve` under overload" in text and measured["note"] in text
+    t = measured["throughput_ratio"]
+    row = _target(text, "serve overload: accepted rows/s >= 0.9x unloaded")
+    assert f"| {t['median']:.3f} [range {t['min']:.3f}, {t['max']:.3f}] |" in row
+    assert row.endswith(
+        "| yes |" if measured["targets"]["accepted rows/s >= 0.9x unloaded"] else "| **no** |"
+    )
+    measured["targets"]["peak RSS <= 1.10x unloaded"] = False
+    (tmp_path / "serve-overload.json").write_text(json.dumps(measured))
+    text = bench_report.render(tmp_path).read_text()
+    assert _target(text, "serve overload: peak RSS <= 1.10x unloaded").endswith("| **no** |")
+    assert "| ≤ 1.10× | **no** |" in text
