@@ -12,6 +12,7 @@ make a module unimportable) tells both that DeepSpeed is absent.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import sys
@@ -37,6 +38,11 @@ _QUIET_MODULES = (
 )
 
 
+# Loggers that warn of nothing a user can act on: torchao (imported for model.quantize: nf4) reports the
+# CUDA kernels it cannot load on a CPU machine, and torch's pytree a deprecation inside torchao.
+_QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 def debugging() -> bool:
     """Whether ``LORAKIT_DEBUG`` asks for tracebacks and every library warning."""
     return os.environ.get("LORAKIT_DEBUG", "") not in ("", "0")
@@ -60,6 +66,8 @@ def silence_library_warnings() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     for module in _QUIET_MODULES:
         warnings.filterwarnings("ignore", module=re.escape(module) + r"(\.|$)")
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def deepspeed_in_use() -> bool:

@@ -25,6 +25,7 @@ SECTIONS = (
     "inference",
     "inference-bf16",
     "adapters",
+    "quant",
     "serve",
     "quality",
     "whole-run",
@@ -45,6 +46,7 @@ def _plan(quick: bool) -> dict:
             "inference": ("roberta-small", (1, 32), 128, (5, 2)),
             "inference_layers": [("roberta-small", rows, 64, 10, 8, False) for rows in (1, 32)],
             "adapters": ("roberta-small", 16, 16, (1, 4, 16), 2),
+            "quant": (("gpt2-small4", 4, 64, 2), ("roberta-small", 16, 16, 2)),
             # serve: training rows, dev rows a task, clients, requests, rows a request, rounds, time limit (s)
             "serve": (32, 16, 8, 40, 4, 2, 60.0),
             "quality": [sst2],
@@ -80,6 +82,8 @@ def _plan(quick: bool) -> dict:
         ],
         # 64 rows of 32 tokens (SST-2 sentences are about 25): 1, 4 and 16 adapters in one batch.
         "adapters": ("roberta-base", 64, 32, (1, 4, 16), 5),
+        # The quantized base (issue 27): training at gpt2-medium 4 × 128, 16 adapters on roberta-base.
+        "quant": (("gpt2-medium", 4, 128, 5), ("roberta-base", 64, 32, 10)),
         # 16 clients × 4 rows: up to 64 rows waiting, one full batch at the default --max-batch-size.
         "serve": (300, 64, 16, 300, 4, 5, 120.0),
         "quality": quality,
@@ -152,6 +156,10 @@ def run_section(name: str, quick: bool, out: Path, data_root: Path) -> dict:
         return bench_adapters.adapters_section(*plan["adapters"])
     if name == "serve":
         return bench_serve.serve_section(*plan["serve"])
+    if name == "quant":
+        import bench_quant
+
+        return bench_quant.quant_section(*plan["quant"])
     if name == "quality":
         return bench_quality.quality_section(plan["quality"], data_root, _lrs(out), plan["seeds"])
     if name == "whole-run":

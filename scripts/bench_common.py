@@ -9,6 +9,7 @@ the same run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -33,6 +34,8 @@ from torch import nn  # noqa: E402
 from lorakit.paper_models import DECODERS, MODELS, paper_model  # noqa: E402
 
 CONTENDERS = ("lorakit", "peft", "full")
+# lorakit LoRA on a base whose block linears are stored quantized (``model.quantize``, issue 27).
+QUANTIZED = {"lorakit-nf4": "nf4", "lorakit-int8": "int8"}
 THREADS = 2  # the CPU budget the benchmarks are specified for; bench.py --threads changes it
 
 
@@ -142,6 +145,11 @@ def apply_contender(model: nn.Module, shape: ModelShape, contender: str, r: int,
     if contender == "full":
         model.requires_grad_(True)
         return model
+    if contender in QUANTIZED:  # as `lorakit train` with model.quantize builds it: quantize, then inject
+        from lorakit.quantization import quantize_model
+
+        quantize_model(model, QUANTIZED[contender], keep=shape.heads)
+        contender = "lorakit"
     if contender == "lorakit":
         from lorakit.families import fused_slices
         from lorakit.lora import LoraConfig, inject_lora, mark_trainable
@@ -164,7 +172,7 @@ def apply_contender(model: nn.Module, shape: ModelShape, contender: str, r: int,
             fan_in_fan_out=shape.family == "gpt2",
         )
         return peft.get_peft_model(model, config)
-    raise ValueError(f"unknown contender {contender!r}; choose from {CONTENDERS}")
+    raise ValueError(f"unknown contender {contender!r}; choose from {CONTENDERS + tuple(QUANTIZED)}")
 
 
 def sync(device: torch.device) -> None:
@@ -277,6 +285,19 @@ def peak_rss_bytes() -> int:
         pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def reset_peak_rss() -> None:
+    """Give freed memory back and restart this process's VmHWM from its current RSS (Linux), so that a
+    later ``peak_rss_bytes`` is the peak from here on."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 def current_rss_bytes() -> int:

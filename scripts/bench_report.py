@@ -11,6 +11,8 @@ from bench_common import read_json
 from bench_format import bars, ci, header, mib, ms, table
 from bench_overload import render as render_overload
 from bench_quality import seed_gaps
+from bench_quant import quant_targets
+from bench_quant import render as render_quant
 from bench_serve import render as render_serve
 from bench_serve import serve_targets
 from bench_whole_run import render as render_whole_run
@@ -94,6 +96,8 @@ def targets(sections: dict[str, Any], overload: dict[str, Any] | None = None) ->
         rows += adapter_targets(sections["adapters"]["result"])
     if "serve" in sections:
         rows += serve_targets(sections["serve"]["result"])
+    if "quant" in sections:
+        rows += quant_targets(sections["quant"]["result"])
     if overload:
         t = overload["targets"]
         rows += [
@@ -426,11 +430,11 @@ def _history(sweep: dict[str, Any] | None, variants: dict[str, Any] | None) -> l
 def render(out: Path) -> Path:
     """Write ``out/RESULTS.md`` (and PNGs) from the section JSON files in ``out``; returns its path."""
     names = ("sizes", "speed", "speed-bf16", "speed-llama", "inference", "inference-bf16", "adapters")
-    names += ("serve", "quality", "whole-run", "lr-sweep", "lora-variants")
+    names += ("serve", "quant", "quality", "whole-run", "lr-sweep", "lora-variants")
     sections = {n: d for n in names if (d := read_json(out / f"{n}.json"))}
     quick = any(d.get("quick") for d in sections.values())
     lines = ["# lorakit benchmarks", "", METHOD + (" **Quick run.**" if quick else ""), ""]
-    measured = [sections[n] for n in names[:10] if n in sections]
+    measured = [sections[n] for n in names[:11] if n in sections]
     if measured:
         took = " + ".join(f"{d['section']} {d['seconds']:.0f} s" for d in measured)
         lines += [f"This run: {took} = {sum(d['seconds'] for d in measured) / 60:.1f} minutes.", ""]
@@ -460,6 +464,8 @@ def render(out: Path) -> Path:
         lines += render_serve(sections["serve"])
     if overload := read_json(out / "serve-overload.json"):  # scripts/bench_overload.py, its own run
         lines += render_overload(overload)
+    if "quant" in sections:
+        lines += render_quant(sections["quant"])
     if "whole-run" in sections:
         lines += render_whole_run(sections["whole-run"])
     if many := read_json(out / "many-tasks.json"):

@@ -39,6 +39,7 @@ from bench_common import (
     interleave,
     peak_rss_bytes,
     ratio_stats,
+    reset_peak_rss,
     setup_torch,
     summarize,
     timed,
@@ -46,6 +47,7 @@ from bench_common import (
 from torch import nn
 
 from lorakit.lora import count_parameters
+from lorakit.quantization import base_weight_bytes
 
 LR, WEIGHT_DECAY = 1e-4, 0.01  # the values do not change the cost of a step
 WARMUP_ROWS = 2  # a small first step: creates AdamW's state and the kernels' caches, cheaply
@@ -95,9 +97,12 @@ def _step_worker(conn: Connection, job: dict[str, Any]) -> None:
     kind = "generation" if shape.decoder else "classification"
     batch = make_batch(shape, job["rows"], job["seq"], device)
     warm = {k: v[:WARMUP_ROWS] for k, v in batch.items()}
+    if job.get("peak_from_built"):  # the peak of training alone, not of building (a dense base first)
+        reset_peak_rss()
     conn.send(
         {
             "trainable": count_parameters(model).trainable,
+            "base_bytes": base_weight_bytes(model),
             "rss_start": rss_start,
             "rss_built": current_rss_bytes(),
         }
@@ -126,9 +131,13 @@ def train_step_benchmark(
     r: int = 8,
     alpha: float = 16.0,
     precision: str = "fp32",
+    contenders: Sequence[str] = CONTENDERS,
+    peak_from_built: bool = False,
 ) -> dict[str, Any]:
     """Median step time and peak memory of each contender on ``shape_name``, and the ratios; ``precision``
-    "bf16" runs every contender's step under bf16 autocast (float32 weights).
+    "bf16" runs every contender's step under bf16 autocast (float32 weights). ``contenders``: lorakit,
+    PEFT and full fine-tuning by default; ``QUANTIZED`` ones are compared with "lorakit" (LoRA on the float32
+    base). ``peak_from_built``: peak memory counts from the built model on (training's own peak).
 
     ``reps`` rounds of the two LoRA contenders, the first ``full_reps`` (default: all) of them with a
     full fine-tuning step too: LoRA against full has a wide margin to its target, lorakit against PEFT
@@ -142,7 +151,7 @@ def train_step_benchmark(
     workers: dict[str, tuple[Any, Connection]] = {}
     info: dict[str, dict[str, Any]] = {}
     try:
-        for name in CONTENDERS:
+        for name in contenders:
             parent, child = ctx.Pipe()
             # Spawned workers import bench_common afresh: they get the thread count explicitly.
             threads = torch.get_num_threads()
@@ -155,6 +164,7 @@ def train_step_benchmark(
                 alpha=alpha,
                 threads=threads,
                 precision=precision,
+                peak_from_built=peak_from_built,
             )
             proc = ctx.Process(target=_step_worker, args=(child, job), daemon=True)
             proc.start()
@@ -173,8 +183,8 @@ def train_step_benchmark(
 
             return run
 
-        times = interleave({name: runner(name) for name in CONTENDERS}, full_reps)
-        lora = {name: runner(name) for name in CONTENDERS if name != "full"}
+        times = interleave({name: runner(name) for name in contenders}, full_reps)
+        lora = {name: runner(name) for name in contenders if name != "full"}
         for name, more in interleave(lora, reps - full_reps).items():
             times[name] += more
         for name, (proc, conn) in workers.items():
@@ -188,10 +198,12 @@ def train_step_benchmark(
     result: dict[str, Any] = {"model": shape_name, "batch": rows, "seq": seq, "r": r, "alpha": alpha}
     result["precision"] = precision
     result["contenders"] = {}
-    for name in CONTENDERS:
+    for name in contenders:
         peak = info[name].get("cuda_max_allocated_bytes", info[name]["peak_rss_bytes"])
         result["contenders"][name] = {**info[name], **summarize(times[name]), "peak_memory_bytes": peak}
     c = result["contenders"]
+    if set(contenders) != set(CONTENDERS):
+        return {**result, **_against_lorakit(c, times)}
     result["memory_kind"] = "cuda_max_allocated" if "cuda_max_allocated_bytes" in c["full"] else "peak_rss"
     result["ratios"] = {
         "time_lorakit_over_peft": c["lorakit"]["median_s"] / c["peft"]["median_s"],
@@ -208,6 +220,22 @@ def train_step_benchmark(
         for a, b in (("lorakit", "peft"), ("lorakit", "full"), ("peft", "full"))
     }
     return result
+
+
+def _against_lorakit(c: dict[str, Any], times: dict[str, list[Timing]]) -> dict[str, Any]:
+    """Every other contender against lorakit LoRA on the float32 base: step time round by round, peak
+    memory and base weight bytes."""
+    others = [name for name in c if name != "lorakit"]
+    memory = {
+        f"{name}_over_lorakit": c[name]["peak_memory_bytes"] / c["lorakit"]["peak_memory_bytes"]
+        for name in others
+    }
+    base = {f"{name}_over_lorakit": c[name]["base_bytes"] / c["lorakit"]["base_bytes"] for name in others}
+    rounds = {
+        f"{name}_over_lorakit": ratio_stats(times[name], times["lorakit"][: len(times[name])])
+        for name in others
+    }
+    return {"memory_ratios": memory, "base_bytes_ratios": base, "round_ratios": rounds}
 
 
 class _Holder(nn.Module):

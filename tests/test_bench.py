@@ -500,3 +500,35 @@ def test_the_overload_run_is_rendered_with_its_targets_and_says_no_when_missed(
     text = bench_report.render(tmp_path).read_text()
     assert _target(text, "serve overload: peak RSS <= 1.10x unloaded").endswith("| **no** |")
     assert "| ≤ 1.10× | **no** |" in text
+
+
+@pytest.mark.slow  # 90 s on 2 cores: three training workers and three 16-adapter servers
+def test_the_quantized_base_section_measures_nf4_and_int8_against_the_float32_base(
+    bench, tmp_path: Path
+) -> None:
+    """The quick quant section on small shapes whose layers nf4 can block: the quantized bases hold fewer
+    base bytes, their 16-adapter mixed batches stay close to the float32 base's, and every target row of
+    RESULTS.md reads its verdict from the measured ratio."""
+    assert bench.main(["--quick", "--only", "quant", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "quick" / "quant.json").read_text())["result"]
+    t, s = r["training"], r["serving"]
+    assert set(t["contenders"]) == {"lorakit", "lorakit-nf4", "lorakit-int8"}
+    # The same LoRA trains on each base; the quantized ones hold far fewer base bytes.
+    assert len({c["trainable"] for c in t["contenders"].values()}) == 1
+    assert (
+        t["base_bytes_ratios"]["lorakit-nf4_over_lorakit"]
+        < t["base_bytes_ratios"]["lorakit-int8_over_lorakit"]
+        < 0.6
+    )
+    assert {c["reps"] for c in t["contenders"].values()} == {2}
+    for m in ("nf4", "int8"):
+        assert s["memory"][m]["base_bytes"] < s["memory"]["none"]["base_bytes"]
+        assert 0 < s["max_abs_logit_diff_vs_float32"][m] < 0.5  # quantized, and still the same model
+    results = (tmp_path / "quick" / "RESULTS.md").read_text()
+    assert "## Quantized base (model.quantize): gpt2-small4 training, roberta-small serving" in results
+    nf4 = t["base_bytes_ratios"]["lorakit-nf4_over_lorakit"]
+    row = _target(results, "gpt2-small4: nf4 base weight bytes ≤ 0.30× float32")
+    assert f"| {nf4:.3f} |" in row and row.endswith("| yes |" if nf4 <= 0.30 else "| **no** |")
+    step = t["round_ratios"]["lorakit-int8_over_lorakit"]
+    row = _target(results, "gpt2-small4 4×64 int8: step ≤ 1.5× float32 base")
+    assert row.endswith("| yes |" if step["ratio_median"] <= 1.5 else "| **no** |")

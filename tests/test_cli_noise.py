@@ -71,6 +71,16 @@ def test_lorakit_debug_shows_what_was_silenced(trained: Path, tmp_path: Path) ->
     assert "real_accelerator" in done.stdout + done.stderr  # DeepSpeed's logger writes to stdout
 
 
+def test_the_nf4_backend_loads_quietly() -> None:
+    """torchao (model.quantize: nf4) logs the CUDA kernels it cannot load and a torch deprecation when it
+    is imported on a CPU machine; a lorakit command shows neither."""
+    pytest.importorskip("torchao")
+    code = "from lorakit.noise import quiet_command; quiet_command(['train']); import torchao.quantization"
+    env = {k: v for k, v in os.environ.items() if k != "LORAKIT_DEBUG"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert done.stderr == "" and done.stdout == ""
+
+
 def test_the_deepspeed_block_is_scoped() -> None:
     """In-process training blocks DeepSpeed only while it runs, so a later DeepSpeed run still finds it."""
     from lorakit.noise import without_deepspeed
