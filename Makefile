@@ -31,10 +31,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check lorakit tests scripts
 	$(VENV)/bin/ruff format --check lorakit tests scripts
 
-# bench_overload.py runs its own `lorakit serve` process and re-renders RESULTS.md with the sections above.
+# bench_overload.py and bench_generation_serve.py run their own `lorakit serve` processes and re-render
+# RESULTS.md with the sections above.
 bench: $(STAMP)
 	$(PY) scripts/bench.py --out benchmarks
 	$(PY) scripts/bench_overload.py --out benchmarks
+	$(PY) scripts/bench_generation_serve.py --out benchmarks
 
 bench-quick: $(STAMP)
 	$(PY) scripts/bench.py --quick --out benchmarks
@@ -42,6 +44,7 @@ bench-quick: $(STAMP)
 bench-serve: $(STAMP)
 	$(PY) scripts/bench.py --only serve --out benchmarks
 	$(PY) scripts/bench_overload.py --out benchmarks
+	$(PY) scripts/bench_generation_serve.py --out benchmarks
 
 # The learning-rate sweep whose picks `make bench`'s quality section trains with, each method at four
 # rates on held-out training rows, through `lorakit train`. Run before `make bench` when the quality

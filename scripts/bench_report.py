@@ -9,6 +9,7 @@ from typing import Any
 
 from bench_common import read_json
 from bench_format import bars, ci, header, mib, ms, table
+from bench_generation_serve import render as render_generation
 from bench_overload import render as render_overload
 from bench_quality import seed_gaps
 from bench_quant import quant_targets
@@ -51,8 +52,11 @@ INFER = {"base": "base", "lorakit_unmerged": "lorakit unmerged", "lorakit_merged
 INFER |= {"peft_unmerged": "PEFT unmerged"}
 
 
-def targets(sections: dict[str, Any], overload: dict[str, Any] | None = None) -> list[tuple[str, str, bool]]:
-    """Every target as (target, measured, met); ``overload``: scripts/bench_overload.py's result."""
+def targets(
+    sections: dict[str, Any], overload: dict[str, Any] | None = None, generation: dict[str, Any] | None = None
+) -> list[tuple[str, str, bool]]:
+    """Every target as (target, measured, met); ``overload`` and ``generation``: the results of
+    scripts/bench_overload.py and scripts/bench_generation_serve.py, which run on their own."""
     rows: list[tuple[str, str, bool]] = []
     layers = []
     if "speed" in sections:
@@ -98,6 +102,12 @@ def targets(sections: dict[str, Any], overload: dict[str, Any] | None = None) ->
         rows += serve_targets(sections["serve"]["result"])
     if "quant" in sections:
         rows += quant_targets(sections["quant"]["result"])
+    if generation:
+        g = generation["summary"]
+        ratio = f"{g['ratio_median']:.3f} [range {g['ratio_min']:.3f}, {g['ratio_max']:.3f}]"
+        rows.append(
+            ("serve generation: mixed-adapter tokens/s ≥ 0.85× one adapter's", ratio, g["target_met"])
+        )
     if overload:
         t = overload["targets"]
         rows += [
@@ -439,7 +449,7 @@ def render(out: Path) -> Path:
         took = " + ".join(f"{d['section']} {d['seconds']:.0f} s" for d in measured)
         lines += [f"This run: {took} = {sum(d['seconds'] for d in measured) / 60:.1f} minutes.", ""]
     lines += [RULES, ""]
-    rows = targets(sections, read_json(out / "serve-overload.json"))
+    rows = targets(sections, read_json(out / "serve-overload.json"), read_json(out / "serve-generation.json"))
     if rows:
         lines += ["## Targets", ""] + table(
             ["target", "measured: median [95%]", "met"],
@@ -464,6 +474,8 @@ def render(out: Path) -> Path:
         lines += render_serve(sections["serve"])
     if overload := read_json(out / "serve-overload.json"):  # scripts/bench_overload.py, its own run
         lines += render_overload(overload)
+    if generation := read_json(out / "serve-generation.json"):  # scripts/bench_generation_serve.py
+        lines += render_generation(generation)
     if "quant" in sections:
         lines += render_quant(sections["quant"])
     if "whole-run" in sections:

@@ -532,3 +532,22 @@ def test_the_quantized_base_section_measures_nf4_and_int8_against_the_float32_ba
     step = t["round_ratios"]["lorakit-int8_over_lorakit"]
     row = _target(results, "gpt2-small4 4×64 int8: step ≤ 1.5× float32 base")
     assert row.endswith("| yes |" if step["ratio_median"] <= 1.5 else "| **no** |")
+
+
+def test_the_generation_serving_run_is_rendered_with_its_target(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """RESULTS.md takes scripts/bench_generation_serve.py's JSON: its section and its target's verdict."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import bench_report
+
+    measured = json.loads((REPO / "benchmarks" / "serve-generation.json").read_text())
+    s = measured["summary"]
+    for met in (True, False):
+        s["target_met"] = met
+        (tmp_path / "serve-generation.json").write_text(json.dumps(measured))
+        text = bench_report.render(tmp_path).read_text()
+        assert "## `lorakit serve` generation: OpenAI routes, mixed-adapter decoding" in text
+        row = _target(text, "serve generation: mixed-adapter tokens/s ≥ 0.85× one adapter's")
+        assert f"| {s['ratio_median']:.3f} [range {s['ratio_min']:.3f}, {s['ratio_max']:.3f}] |" in row
+        assert row.endswith("| yes |" if met else "| **no** |")

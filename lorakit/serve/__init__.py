@@ -1,7 +1,9 @@
 """``lorakit serve``: one process, one base model, every task's adapter beside it, over HTTP.
 
 ``batcher``: rows of concurrent requests gathered into mixed-task batches on one worker thread, in a
-queue bounded in rows; ``app``: the FastAPI routes; ``asgi``, ``auth``, ``limits``: request ids and 500s,
+queue bounded in rows; ``decoding`` and ``decode_queue``: generation adapters decoded in one mixed-adapter
+batch with a KV cache, requests joining at step boundaries, behind the OpenAI-compatible routes
+(``openai_routes``); ``app``: the FastAPI routes; ``asgi``, ``auth``, ``limits``: request ids and 500s,
 API keys, the body limit; ``admin``: loading adapters contained in ``--adapter-root``; ``metrics``:
 Prometheus; ``options``: every option checked. Here: loading the model and running uvicorn until SIGINT
 or SIGTERM. Needs the ``serve`` extra (FastAPI, uvicorn, prometheus-client).
@@ -36,6 +38,7 @@ def serve(specs: Sequence[str], base: str | None = None, options: ServeOptions |
         raise UserError(hint, where="lorakit serve") from None
     from lorakit.predict import MergedPredictor, Predictor, read_sources
     from lorakit.serve.batcher import Batcher
+    from lorakit.serve.decode_queue import scheduler_for
     from lorakit.serve.metrics import Metrics
 
     check_options(o)
@@ -50,6 +53,7 @@ def serve(specs: Sequence[str], base: str | None = None, options: ServeOptions |
     metrics = Metrics()
     batcher = Batcher(predictor, o.max_batch_size, o.max_wait_ms, o.summary_every, o.max_queue_rows, metrics)
     service = Service(predictor, batcher, base, o, metrics)
+    service.generation = scheduler_for(predictor, batcher, o.max_batch_size, o.max_queue_rows, metrics)
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     # Log lines carry their time: the audit lines of adapter administration say when.
     log_config["formatters"]["default"]["fmt"] = "%(asctime)s %(levelprefix)s %(message)s"

@@ -5,12 +5,16 @@
     POST   /v1/adapters         {"name": NAME, "path": DIR under --adapter-root}: load one more (admin)
     DELETE /v1/adapters/NAME    unload one, after the requests queued for it (admin)
     GET    /metrics             Prometheus text format
+    POST   /v1/completions      OpenAI-compatible generation (a server of generation adapters only;
+    POST   /v1/chat/completions   ``openai_routes``), decoded in one mixed-adapter batch
+    GET    /v1/models
     GET    /health              200 once the base and its adapters are loaded; never needs a key
 
 Layers, outermost first: request ids, latency metrics and 500s (``asgi``); API keys (``auth``); the
 queue's gate and the body limit (``limits``); the routes. Every error body is ``{"detail": "<one line>"}``;
 ``schemas.ERRORS`` says which status means what, and the OpenAPI schema lists them route by route with
-the bearer scheme.
+the bearer scheme. The OpenAI-compatible routes answer errors in OpenAI's shape instead
+(``openai_errors``).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from lorakit.serve.limits import (
     check_inputs,
 )
 from lorakit.serve.metrics import Metrics
+from lorakit.serve.openai_errors import OPENAI_PATHS, OpenAIErrorShape, openai_answer
 from lorakit.serve.options import ServeOptions, check_generation_length
 from lorakit.serve.schemas import (
     AdapterInfo,
@@ -71,6 +76,7 @@ class Service:
     sources: dict[str, AdapterSource] = field(default_factory=dict)
     adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
     loading: set[str] = field(default_factory=set)
+    generation: Any = None  # a DecodeScheduler when the adapters generate text (and are not merged)
 
     def __post_init__(self) -> None:
         self.sources = dict(self.predictor.sources)
@@ -118,8 +124,12 @@ def create_app(service: Service) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await service.batcher.start()
+        if service.generation is not None:
+            await service.generation.start()
         log.info("serving adapters: %s", ", ".join(service.adapters) or "none")
         yield
+        if service.generation is not None:
+            await service.generation.stop()
         await service.batcher.stop()
 
     app = FastAPI(
@@ -129,31 +139,43 @@ def create_app(service: Service) -> FastAPI:
     )
     # The middleware added last runs first: request ids and metrics, keys, the queue's gate, the body limit.
     app.add_middleware(BodyLimitMiddleware, max_bytes=options.max_body_bytes, metrics=metrics)
-    batcher = service.batcher
+    batcher, generation = service.batcher, service.generation
     app.add_middleware(
         QueueGate,
         queued=lambda: batcher.queued_rows,
         limit=options.max_queue_rows,
         max_bytes=options.max_body_bytes,
         metrics=metrics,
+        # Generation requests wait in the decoding queue, bounded by the same --max-queue-rows.
+        paths={p: (lambda: generation.queued_rows) for p in ("/v1/completions", "/v1/chat/completions")}
+        if generation is not None
+        else None,
     )
     public = {("GET", "/health")} | ({("GET", "/metrics")} if options.public_metrics else set())
     app.add_middleware(AuthMiddleware, keys=keys, public=public, metrics=metrics)
     app.add_middleware(RequestMiddleware, metrics=metrics)
+    app.add_middleware(OpenAIErrorShape)  # outermost: it reshapes every layer's errors on its paths
     # The middleware enforces the keys; this dependency puts the bearer scheme into the OpenAPI schema.
     secured = [Depends(HTTPBearer(auto_error=False))] if keys.on else []
     secured_metrics = [] if options.public_metrics else secured
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         metrics.reject("invalid")
+        if request.url.path in OPENAI_PATHS:  # OpenAI's convention: a body that does not fit is a 400
+            found = exc.errors()
+            loc = [str(p) for p in (found[0].get("loc", ()) if found else ()) if p != "body"]
+            return openai_answer(400, _validation_detail(exc), param=".".join(loc) or None)
         return JSONResponse({"detail": _validation_detail(exc)}, 422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if isinstance(exc, Rejected):
             metrics.reject(exc.reason)
         detail = admin.scrub(_one_line(exc.detail), options.adapter_root)[:500]
+        if request.url.path in OPENAI_PATHS:
+            param, code = getattr(exc, "param", None), getattr(exc, "code", None)
+            return openai_answer(exc.status_code, detail, exc.headers, param, code)
         return JSONResponse({"detail": detail}, exc.status_code, headers=exc.headers)
 
     def unknown(name: str) -> Rejected:
@@ -284,10 +306,16 @@ def create_app(service: Service) -> FastAPI:
             raise unknown(name)
         info = service.adapters.pop(name)
         del service.sources[name]
+        if service.generation is not None:  # rows decoding with it finish first (new ones get 404 now)
+            await service.generation.drain(name)
         await service.batcher.call(lambda: service.predictor.remove(name))
         metrics.adapters.set(len(service.adapters))
         metrics.forget_adapter(name)
         admin.record(who, "unload", name, None, "unloaded")
         return service.public_info(info)
 
+    if service.generation is not None:
+        from lorakit.serve.openai_routes import add_openai_routes
+
+        add_openai_routes(app, service, secured, auth_codes)
     return app

@@ -8,7 +8,7 @@ client's retry and nothing of it is held).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fastapi import HTTPException
@@ -86,25 +86,30 @@ RETRY_AFTER = {"Retry-After": "1"}
 class QueueGate:
     """``POST /v1/predict`` answered 429 at once while the queue is full (``queued()`` at ``limit``): no
     JSON parsed, no validation, no route run. A request that might fit goes on; the batcher's ``submit``
-    then decides exactly, with the request's row count."""
+    then decides exactly, with the request's row count. ``paths``: more POST routes, each gated by its
+    own queue's count (the generation routes, by the decoding queue's)."""
 
     def __init__(
-        self, app: ASGIApp, queued: Callable[[], int], limit: int, max_bytes: int, metrics: Metrics
+        self,
+        app: ASGIApp,
+        queued: Callable[[], int],
+        limit: int,
+        max_bytes: int,
+        metrics: Metrics,
+        paths: Mapping[str, Callable[[], int]] | None = None,
     ) -> None:
         self.app = app
-        self.queued = queued
+        self.gates = {"/v1/predict": queued, **(paths or {})}
         self.limit = limit
         self.max_bytes = max_bytes
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        queued = self.queued()
-        if (
-            scope["type"] != "http"
-            or queued < self.limit  # room for one row at least: the route decides
-            or scope["method"] != "POST"
-            or scope["path"] != "/v1/predict"
-        ):
+        gate = (
+            self.gates.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        )
+        queued = gate() if gate is not None else 0
+        if gate is None or queued < self.limit:  # room for one row at least: the route decides
             await self.app(scope, receive, send)
             return
         declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)

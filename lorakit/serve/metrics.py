@@ -31,6 +31,7 @@ REASONS = (
     "timeout",  # 503: queued past --request-timeout-s
 )
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -58,6 +59,32 @@ class Metrics:
         for reason in REASONS:  # every reason present from the start, at 0
             self.rejected.labels(reason)
         self.adapters = Gauge("lorakit_adapters_loaded", "Adapters loaded.", registry=r)
+        # Generation (the OpenAI-compatible routes): tokens by model (an adapter, or "(base)").
+        self.generated_tokens = Counter(
+            "lorakit_generated_tokens", "Tokens generated, by model.", ["model"], registry=r
+        )
+        self.time_to_first_token = Histogram(
+            "lorakit_time_to_first_token_seconds",
+            "From a generation request's arrival to its first token, per row.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            "lorakit_inter_token_latency_seconds",
+            "Between one row's consecutive tokens.",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.decoding_rows = Gauge("lorakit_decoding_rows", "Rows in the decoding batch.", registry=r)
+        self.step_rows = Histogram(
+            "lorakit_decode_step_rows",
+            "Rows of a decoding step (all adapters together), joining rows included.",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.generation_queue_rows = Gauge(
+            "lorakit_generation_queue_rows", "Generation rows waiting to join the decoding batch.", registry=r
+        )
 
     def reject(self, reason: str) -> None:
         """Count one refused request."""
@@ -65,8 +92,9 @@ class Metrics:
 
     def forget_adapter(self, name: str) -> None:
         """Drop an unloaded adapter's series, so that names loaded over time do not pile up."""
-        with contextlib.suppress(KeyError):
-            self.rows.remove(name)
+        for counter in (self.rows, self.generated_tokens):
+            with contextlib.suppress(KeyError):
+                counter.remove(name)
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format and its content type."""
