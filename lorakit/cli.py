@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from lorakit import train_flags
 from lorakit.errors import Interrupted, UserError
 from lorakit.serve import flags
 
@@ -54,9 +55,12 @@ def train(
     set_: SetOption = None,
     output_dir: Annotated[str | None, typer.Option("--output-dir", help="Where the run goes.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
-    num_processes: Annotated[
-        int | None, typer.Option("--num-processes", help="Accelerate processes (devices).")
-    ] = None,
+    num_processes: train_flags.NumProcesses = None,
+    num_machines: train_flags.NumMachines = None,
+    machine_rank: train_flags.MachineRank = None,
+    main_process_ip: train_flags.MainProcessIp = None,
+    main_process_port: train_flags.MainProcessPort = None,
+    rdzv_timeout: train_flags.RdzvTimeout = None,
 ) -> None:
     """Train a recipe; writes the adapter, metrics.json, curves.png and logs to the output directory."""
     from lorakit.recipe import load_recipe
@@ -64,10 +68,9 @@ def train(
     overrides = list(set_ or [])
     if output_dir:
         overrides.append(f"output_dir={output_dir}")
-    if num_processes is not None:
-        overrides.append(f"train.num_processes={num_processes}")
+    overrides += train_flags.overrides(locals())  # --num-processes N: train.num_processes=N, ...
     loaded = load_recipe(recipe, overrides)
-    from lorakit.training.launch import launch, needs_launch
+    from lorakit.training.launch import adopt_launcher_environment, launch, needs_launch
 
     if needs_launch(loaded):  # several processes: this one starts them and waits
         from lorakit.training.trackers import check_installed
@@ -77,6 +80,7 @@ def train(
         raise typer.Exit(launch(loaded, [*argv, "--resume"] if resume else argv, resume))
     from lorakit.training.loop import train as run_training
 
+    adopt_launcher_environment(loaded)  # started by torchrun, srun or an operator: one of WORLD_SIZE
     result = run_training(loaded, resume=resume)
     if not result.main_process:
         return
@@ -335,6 +339,7 @@ def sweep(
     ] = None,
     set_: SetOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the points and train nothing.")] = False,
+    ray: train_flags.Ray = None,
 ) -> None:
     """Train every point of a grid over a recipe (finished points are reused, interrupted ones resumed);
     writes sweep.json, sweep.csv and sweep.md. Exit 1 when a point failed (the others still run)."""
@@ -346,7 +351,7 @@ def sweep(
         for line in plan_lines(loaded):
             console.print(line, highlight=False, soft_wrap=True)
         return
-    records = run_sweep(loaded, jobs, console)
+    records = run_sweep(loaded, jobs, console, ray=ray)
     if any(r["status"] != "done" for r in records):
         raise typer.Exit(1)
 
@@ -361,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         # Outside standalone mode Typer returns the exit status of an interrupted or exited command.
-        status = app(args=argv, standalone_mode=False)
+        args = train_flags.bare_ray(sys.argv[1:] if argv is None else list(argv))  # `sweep ... --ray`
+        status = app(args=args, standalone_mode=False)
     except UserError as exc:
         err.print(f"[red]lorakit: error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2

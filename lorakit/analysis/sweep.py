@@ -13,6 +13,7 @@ The sweep file (every key but ``grid`` and ``recipe`` optional; unknown keys are
                                          # recipe's output_dir); default runs/sweeps/<sweep file stem>
     rows: lora.target_modules            # sweep.md's rows and columns (grid keys); default: the first
     cols: lora.r                         # and second grid key; --rows/--cols win
+    resources: {num_cpus: 2, num_gpus: 1}  # each point's share of a Ray cluster (`--ray`; default 1 CPU)
 
 Every point's recipe is resolved and validated, and every existing point directory checked, before
 anything trains: a bad key or value is one line naming the sweep file and ``grid.KEY`` or ``set.KEY``.
@@ -40,10 +41,10 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lorakit.errors import UserError
 from lorakit.recipe import Recipe, load_recipe
@@ -66,6 +67,18 @@ class SweepFile(BaseModel):
     output_dir: str | None = Field(None, min_length=1)
     rows: str | None = None
     cols: str | None = None
+    resources: dict[Literal["num_cpus", "num_gpus", "memory"], Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict
+    )
+
+    @field_validator("resources")
+    @classmethod
+    def _whole_gpus(cls, value: dict[str, float]) -> dict[str, float]:
+        # Ray's own rule, checked only when a task is submitted, long after the sweep started.
+        gpus = value.get("num_gpus", 0.0)
+        if gpus > 1 and gpus != int(gpus):
+            raise ValueError("num_gpus above 1 is a whole number: a fraction of a GPU is below 1")
+        return value
 
 
 @dataclass
@@ -101,6 +114,7 @@ class Sweep:
     rows: str | None
     cols: str | None
     points: list[Point] = field(default_factory=list)
+    resources: dict[str, float] = field(default_factory=dict)  # a point's Ray resources (--ray)
 
 
 def show(value: Any) -> str:
@@ -162,16 +176,16 @@ def _read_sweep_file(path: Path) -> SweepFile:
     except ValidationError as exc:
         # An unknown key first: `grids:` is a misspelt grid, better told than "grid: missing".
         error = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
-        key = ".".join(str(part) for part in error["loc"])
+        key = ".".join(str(part) for part in error["loc"] if part != "[key]")  # pydantic's: a bad dict key
         messages = {
-            "extra_forbidden": "unknown key (expected recipe, set, grid, output_dir, rows, cols)",
+            "extra_forbidden": "unknown key (expected recipe, set, grid, output_dir, rows, cols, resources)",
             "missing": "missing",
             "list_type": "expected a list of values",
             "dict_type": "expected a mapping of dotted recipe keys",
             "string_type": "expected a string",
             "string_too_short": "must not be empty",
         }
-        message = messages.get(error["type"], str(error["msg"]))
+        message = messages.get(error["type"], str(error["msg"]).removeprefix("Value error, "))
         if error["type"] not in ("missing", "extra_forbidden"):
             message += f" (got {show_value(error['input'])})"
         raise UserError(message, where=f"{where}: {key}") from None
@@ -276,6 +290,7 @@ def load_sweep(
     fixed_items = [_as_override(k, v) for k, v in spec.fixed.items()] + cli_set
     cli_fixed = {item.partition("=")[0].strip(): item.partition("=")[2] for item in cli_set}
     sweep = Sweep(path, base, {**spec.fixed, **cli_fixed}, spec.grid, root, rows, cols)
+    sweep.resources = {str(k): float(v) for k, v in spec.resources.items()}
     combos = [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*spec.grid.values())]
     for name, values in zip(point_names(spec.grid, combos), combos, strict=True):
         overrides = [*fixed_items, *(_as_override(k, v) for k, v in values.items())]

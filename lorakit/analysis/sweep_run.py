@@ -240,14 +240,27 @@ def _run_children(todo: list[tuple[Point, bool]], rec: _Recorder, jobs: int, con
             raise Interrupted("stopped", 128 + stop.signum) from None
 
 
-def run_sweep(sweep: Sweep, jobs: int = 1, console: Console | None = None) -> list[dict[str, Any]]:
+def run_sweep(
+    sweep: Sweep, jobs: int = 1, console: Console | None = None, ray: str | None = None
+) -> list[dict[str, Any]]:
     """Train every point of ``sweep`` that is not finished; returns every point's record, in point order.
 
     Existing point directories are checked before anything trains (``point_state``: a finished run of
     another recipe is a UserError). Failed points are recorded, not raised; the tables are written after
-    each point and when the sweep is interrupted (then ``Interrupted`` says how to continue).
+    each point and when the sweep is interrupted (then ``Interrupted`` says how to continue). ``ray``: a
+    Ray cluster's address, ``auto`` or ``local``: the points run as Ray tasks (``analysis.sweep_ray``).
     """
     console = console or Console()
+    if ray is not None and jobs != 1:
+        raise UserError(
+            "--jobs and --ray: Ray runs as many points at once as the cluster has resources for "
+            "(the sweep file's `resources`); give one of them",
+            where="--jobs",
+        )
+    if ray is not None:
+        from lorakit.analysis.sweep_ray import preflight
+
+        preflight(ray)  # Ray installed, the cluster answering: or one line before anything is written
     states = {p.name: point_state(p) for p in sweep.points}
     walls = _previous_walls(sweep.root)
     results = {p.name: PointResult(p) for p in sweep.points}
@@ -271,7 +284,11 @@ def run_sweep(sweep: Sweep, jobs: int = 1, console: Console | None = None) -> li
     rec.write()
     try:
         with _stop_signals():
-            if jobs == 1:
+            if ray is not None:
+                from lorakit.analysis.sweep_ray import run_on_ray
+
+                run_on_ray(sweep, todo, rec, ray, console)
+            elif jobs == 1:
                 _run_here(todo, rec, console)
             else:
                 _run_children(todo, rec, jobs, console)

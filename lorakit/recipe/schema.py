@@ -124,9 +124,39 @@ class TrainSection(_Section):
     compile: bool = False  # torch.compile the model; its graph breaks are reported in metrics.json
     group_by_length: bool = True
     distributed: ExistingFile | None = None  # an Accelerate config file
+    # Several machines (docs/distributed.md): num_processes counts the processes on all of them, as
+    # Accelerate's does; each machine runs `lorakit train` with its own machine_rank (0: the main one).
+    num_machines: Int = Field(1, ge=1)
+    machine_rank: Int = Field(0, ge=0)
+    main_process_ip: str | None = None  # the main machine's address, as the others reach it
+    main_process_port: Int | None = Field(None, ge=1, le=65535)  # null: 29500
+    rdzv_timeout: Int = Field(300, gt=0)  # seconds a machine waits for the others before failing
     # Experiment trackers (Accelerate's, by name) that get the recipe, every logged metric and the final ones;
     # `none` (or []) for none. The JSON-lines log is always written.
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
+
+    @model_validator(mode="after")
+    def _machines(self) -> TrainSection:
+        # With an Accelerate file the machine count may be the file's: launch.machines checks the two.
+        own_count = self.distributed is None or "num_machines" in self.model_fields_set
+        if own_count and self.machine_rank >= self.num_machines:
+            raise KeyedValueError(
+                "machine_rank", f"must be below num_machines ({self.num_machines}); got {self.machine_rank}"
+            )
+        if self.num_machines > 1:
+            if not self.main_process_ip:
+                raise KeyedValueError(
+                    "main_process_ip", "is needed with several machines: the main one's address"
+                )
+            if (
+                self.num_processes > 1 or self.distributed is None
+            ) and self.num_processes % self.num_machines:
+                raise KeyedValueError(
+                    "num_processes",
+                    f"counts the processes on all {self.num_machines} machines: a multiple of "
+                    f"{self.num_machines} (got {self.num_processes})",
+                )
+        return self
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
