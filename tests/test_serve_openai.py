@@ -288,3 +288,37 @@ def test_a_full_generation_queue_is_refused_before_the_body_is_read(runs: dict) 
             service.generation.submit([row, row])
         service.generation.queued_rows = 0
         assert client.post("/v1/completions", json=body).status_code == 200
+
+
+def test_a_request_queued_past_the_timeout_is_dropped_with_a_503(runs: dict, monkeypatch) -> None:  # noqa: ANN001
+    """In process: while the batch has no room (nothing joins), a completion waits ``--request-timeout-s``,
+    then is answered 503 in OpenAI's shape and leaves the queue; once rows join again, requests are served."""
+    from fastapi.testclient import TestClient
+
+    from lorakit.predict import Predictor, read_sources
+    from lorakit.serve.app import Service, create_app
+    from lorakit.serve.batcher import Batcher
+    from lorakit.serve.decode_queue import DecodeScheduler, scheduler_for
+    from lorakit.serve.options import ServeOptions
+
+    sources = read_sources([f"a1={runs['gpt2']['a1']}"], None, None)
+    predictor = Predictor(list(sources.values()))
+    options = ServeOptions(request_timeout_s=0.2)
+    batcher = Batcher(predictor)
+    service = Service(predictor, batcher, options=options)
+    service.generation = scheduler_for(predictor, batcher, 4, options.max_queue_rows, service.metrics)
+    joining = DecodeScheduler._joining
+    body = {"model": "a1", "prompt": "Hi", "max_tokens": 2, "temperature": 0}
+    with TestClient(create_app(service)) as client:
+        monkeypatch.setattr(DecodeScheduler, "_joining", lambda self: [])  # a batch that never has room
+        refused = client.post("/v1/completions", json=body)
+        assert refused.status_code == 503, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "timeout" and "--request-timeout-s" in error["message"]
+        assert service.generation.queued_rows == 0  # dropped, not left waiting
+        monkeypatch.setattr(DecodeScheduler, "_joining", joining)
+        answered = client.post("/v1/completions", json=body)
+        assert answered.status_code == 200 and answered.json()["choices"][0]["finish_reason"] in (
+            "stop",
+            "length",
+        )
