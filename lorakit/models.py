@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +35,7 @@ from lorakit.lora import (
     saved_module_names,
     suffix_matches,
 )
+from lorakit.quantized_base import check_quantize, model_counts, quantize_base, refresh_quantized
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -58,7 +59,6 @@ KIND_METADATA = "lorakit.task_kind"
 LABELS_METADATA = "lorakit.label_names"
 # The quantization of the base the adapter was trained on (``model.quantize``: nf4 | int8; absent: none).
 QUANTIZE_METADATA = "lorakit.quantize"
-QUANTIZE_REPORT = "_lorakit_quantize_report"  # the model attribute holding build_model's QuantizeReport
 
 
 def head_metadata(task: Task | HeadSpec, quantize: str = "none") -> dict[str, str]:
@@ -72,55 +72,6 @@ def head_metadata(task: Task | HeadSpec, quantize: str = "none") -> dict[str, st
     if quantize != "none":
         meta[QUANTIZE_METADATA] = quantize
     return meta
-
-
-@dataclass(frozen=True)
-class QuantizedCounts(ParameterCounts):
-    """Parameter counts plus the base's quantization (``model.quantize``): metrics.json's ``parameters``
-    carries every field. ``base_weight_bytes``: every parameter and buffer but the adapter's, quantized
-    layers at their stored size."""
-
-    quantize: str = "none"
-    base_weight_bytes: int = 0
-    quantized_layers: int = 0
-    unquantized_layers: int = 0
-    unquantized: dict[str, str] = field(default_factory=dict)
-
-
-def model_counts(model: nn.Module) -> ParameterCounts:
-    """``count_parameters``, with the quantization figures when the base is quantized."""
-    counts = count_parameters(model)
-    report = getattr(model, QUANTIZE_REPORT, None)
-    if report is None:
-        return counts
-    from lorakit.quantization import base_weight_bytes
-
-    lora = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if is_lora_parameter(n))
-    return QuantizedCounts(
-        counts.total,
-        counts.trainable,
-        counts.lora,
-        quantize=report.method,
-        base_weight_bytes=base_weight_bytes(model) - lora,
-        quantized_layers=len(report.quantized),
-        unquantized_layers=len(report.unquantized),
-        unquantized=dict(report.unquantized),
-    )
-
-
-def quantize_base(model: nn.Module, recipe: Recipe, method: str | None = None) -> None:
-    """Store the blocks' linear layers of ``model`` quantized (``model.quantize``, or ``method``), in place;
-    the report is kept on the model (``QUANTIZE_REPORT``). A missing extra is a UserError there."""
-    method = method or recipe.model.quantize
-    if method == "none":
-        return
-    from lorakit.quantization import MissingExtraError, quantize_model
-
-    try:
-        report = quantize_model(model, method, keep=tuple(recipe.lora.modules_to_save or ()))
-    except MissingExtraError as exc:
-        raise UserError(str(exc).removeprefix("model.quantize: "), recipe.where("model.quantize")) from None
-    setattr(model, QUANTIZE_REPORT, report)
 
 
 @dataclass(frozen=True)
@@ -228,9 +179,8 @@ def check_max_length(recipe: Recipe, config: PretrainedConfig) -> None:
     the embeddings. The default is left alone, as before: short rows never reach it."""
     if "max_length" not in recipe.task.model_fields_set:
         return
-    positions = position_limit(
-        config
-    )  # the family's own rules: RoBERTa's offset, DeBERTa's relative positions
+    # The family's own rules: RoBERTa's offset, DeBERTa's relative positions.
+    positions = position_limit(config)
     if positions is not None and recipe.task.max_length > positions:
         raise UserError(
             f"{recipe.task.max_length} tokens, more than the {positions} positions of "
@@ -370,20 +320,7 @@ def prepare_model(recipe: Recipe, task: Task) -> PreparedModel:
     lora``, optionally starting from ``lora.init_from``), or everything trainable (``method: full``)."""
     if recipe.method == "full" and recipe.lora.init_from is not None:
         raise UserError("starting from a LoRA adapter needs method: lora", recipe.where("lora.init_from"))
-    if recipe.method == "full" and recipe.model.quantize != "none":
-        raise UserError(
-            f"a {recipe.model.quantize} base is frozen: quantize needs method: lora",
-            recipe.where("model.quantize"),
-        )
-    if recipe.model.quantize != "none":
-        from lorakit.quantization import MissingExtraError, check_available
-
-        try:  # before any weight is read
-            check_available(recipe.model.quantize)
-        except MissingExtraError as exc:
-            raise UserError(
-                str(exc).removeprefix("model.quantize: "), recipe.where("model.quantize")
-            ) from None
+    check_quantize(recipe)  # before any weight is read
     tokenizer = load_tokenizer(recipe)
     hf_config = model_config(recipe, task)
     check_max_length(recipe, hf_config)
@@ -399,17 +336,8 @@ def prepare_model(recipe: Recipe, task: Task) -> PreparedModel:
     config, adapted = apply_lora(recipe, model, task)
     if recipe.lora.init_from is not None:
         _init_from_run(recipe, model, config)
-    _quantized_frozen(model, recipe)
+    refresh_quantized(model)
     return PreparedModel(model, tokenizer, config, adapted, model_counts(model))
-
-
-def _quantized_frozen(model: nn.Module, recipe: Recipe) -> None:
-    """After LoRA injection: the DDP ignore list names the quantized weights where they now are."""
-    if getattr(model, QUANTIZE_REPORT, None) is None:
-        return
-    from lorakit.quantization import refresh_ddp_ignore
-
-    refresh_ddp_ignore(model)
 
 
 def load_trained(

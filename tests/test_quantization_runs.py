@@ -224,8 +224,9 @@ def test_real_minilm_quantized(method: str, token_batch: dict) -> None:
 @pytest.mark.parametrize("method", ["nf4", "int8"])
 def test_info_reports_the_quantized_base_bytes(method: str, wide_roberta: Path, shared_data: Path) -> None:
     from lorakit.info import describe
-    from lorakit.models import build_model, model_counts
+    from lorakit.models import build_model
     from lorakit.quantization import base_weight_bytes
+    from lorakit.quantized_base import model_counts
     from lorakit.recipe import recipe_from_dict
     from lorakit.tasks import get_task
 
