@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from bench_common import SHAPES, build_base, current_rss_bytes, interleave, ratio_stats, summarize, timed
+from bench_format import NAMES, ci, header, mib, ms, table
 from torch import nn
 
 R, ALPHA = 8, 16.0
@@ -237,6 +238,55 @@ def adapters_section(shape: str, rows: int, seq: int, ks: tuple[int, ...], reps:
         del served, peft_model
         result["memory"] = memory(shape, dirs[:16])
     return result
+
+
+def adapter_targets(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """The many-adapters targets: 16 adapters in one batch within 1.15× one adapter's time, no slower than
+    PEFT's mixed batch, and one base with 16 adapters within one model's memory plus the adapters', + 5%."""
+    rows, where = [], f"{r['model']}, {r['mixed'][0]['rows']} rows × {r['mixed'][0]['seq']}"
+    for m in r["mixed"]:
+        one, peft, k = m["mixed_vs_one"], m["mixed_vs_peft"], m["adapters"]
+        if k == 16:
+            rows.append((f"{where}: 16 adapters ≤ 1.15× one adapter", ci(one), one["ratio_median"] <= 1.15))
+        if k > 1:
+            label = f"{where}: {k} adapters ≤ 1.00× PEFT's adapter_names= batch"
+            rows.append((label, ci(peft), peft["ratio_median"] <= 1.0))
+    mem, one = r["memory"], r["memory"]["one-base"]
+    measured = f"{mib(one['rss_bytes'])} vs {mib(mem['bound_bytes'])}: {mem['one_base_over_bound']:.3f}×"
+    label = f"{r['model']} + 16 adapters: memory ≤ 1.05 × (one model + the adapters' bytes)"
+    return [*rows, (label, measured, mem["one_base_over_bound"] <= 1.0)]
+
+
+def render(data: dict[str, Any]) -> list[str]:
+    r, keys = data["result"], ("one", "mixed", "peft", "merged")
+    lines = header(f"Many adapters on one base: {r['model']}, r = {r['r']}", data)
+    rows = [
+        [m["adapters"], f"{m['rows']} × {m['seq']}", *(ms(m["times"][k]["median_s"]) for k in keys)]
+        + [
+            *(ci(m[f"mixed_vs_{k}"]) for k in ("one", "merged", "peft")),
+            f"{m['max_abs_diff_vs_merged']:.1e}",
+        ]
+        for m in r["mixed"]
+    ]
+    head = ["adapters", "batch", "one adapter", "lorakit mixed", "PEFT mixed", "merged models", "mixed / one"]
+    lines += table([*head, "mixed / merged", "mixed / PEFT", "max |Δ| vs merged"], rows)
+    sw, us, load = r["switching"], r["switching"]["switch_us"], r["switching"]["load_s"]
+    ops = [
+        ["switch the active adapter", *(f"{us[k]['median_s'] * 1e6:,.0f} µs" for k in NAMES if k in us)],
+        ["load one more adapter", *(ms(load[k]["median_s"]) for k in NAMES if k in load)],
+    ]
+    ops = [[*op, ci(sw[key])] for op, key in zip(ops, ("switch_ratio", "load_ratio"), strict=True)]
+    lines += table(["with 16 adapters loaded", "lorakit", "PEFT", "lorakit / PEFT [95%]"], ops)
+    one, merged = r["memory"]["one-base"], r["memory"]["merged"]
+    return lines + [
+        f"Memory, each in a fresh process (resident set over the process's own before any model): one base "
+        f"with 16 adapters {mib(one['rss_bytes'])} (the base alone {mib(one['model_rss_bytes'])}, its "
+        f"parameters {mib(one['model_bytes'])}; the adapters' own tensors {mib(one['adapter_bytes'])}); 16 "
+        f"merged models {mib(merged['rss_bytes'])}. Each adapter saves the classifier's output projection "
+        "(PEFT mixes only saved modules that are Linear, Embedding or Conv layers); row i belongs to adapter "
+        "i mod K; merged models: each adapter's rows through its own merged copy, in turn.",
+        "",
+    ]
 
 
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "--memory":

@@ -11,6 +11,9 @@ def ms(s: float) -> str:
     return f"{s * 1e3:,.0f} ms" if abs(s) >= 1 else f"{s * 1e3:,.2f} ms"
 
 
+NAMES = {"lorakit": "lorakit LoRA", "peft": "PEFT LoRA", "full": "full fine-tuning"}
+
+
 def mib(n: float) -> str:
     """Bytes as MiB (GiB from 1 GiB)."""
     return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"

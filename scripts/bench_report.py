@@ -7,9 +7,13 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from bench_adapters import adapter_targets
+from bench_adapters import render as render_adapters
 from bench_common import read_json
-from bench_format import bars, ci, header, mib, ms, table
+from bench_format import NAMES, bars, ci, header, mib, ms, table
 from bench_generation_serve import render as render_generation
+from bench_llama import llama_targets
+from bench_llama import render as render_llama
 from bench_overload import render as render_overload
 from bench_quality import seed_gaps
 from bench_quant import quant_targets
@@ -47,7 +51,6 @@ it. A difference target is met when its median is within the bound. The quality 
 median over seeds of the per-seed gap (lorakit LoRA − full fine-tuning, same seed) is ≥ −2.0 points; the
 per-seed gaps are reported beside it. A target not met says **no**."""
 
-NAMES = {"lorakit": "lorakit LoRA", "peft": "PEFT LoRA", "full": "full fine-tuning"}
 INFER = {"base": "base", "lorakit_unmerged": "lorakit unmerged", "lorakit_merged": "lorakit merged"}
 INFER |= {"peft_unmerged": "PEFT unmerged"}
 
@@ -135,65 +138,6 @@ def _range(stats: dict[str, Any]) -> str:
     return f"{stats['median']:.3f} [range {stats['min']:.3f}, {stats['max']:.3f}]"
 
 
-def llama_targets(m: dict[str, Any]) -> list[tuple[str, str, bool]]:
-    """The modern decoder's step targets: lorakit's step ≤ 1.00× PEFT's, LoRA's ≤ 0.75× full's."""
-    where, rounds = f"{m['model']} {m['batch']}×{m['seq']}", m["round_ratios"]
-    peft, full = rounds["lorakit_over_peft"], rounds["lorakit_over_full"]
-    return [
-        (f"{where}: LoRA step ≤ 1.00× PEFT's", ci(peft), peft["ratio_median"] <= 1.0),
-        (f"{where}: LoRA step ≤ 0.75× full's", ci(full), full["ratio_median"] <= 0.75),
-    ]
-
-
-def adapter_targets(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
-    """The many-adapters targets: 16 adapters in one batch within 1.15× one adapter's time, no slower than
-    PEFT's mixed batch, and one base with 16 adapters within one model's memory plus the adapters', + 5%."""
-    rows, where = [], f"{r['model']}, {r['mixed'][0]['rows']} rows × {r['mixed'][0]['seq']}"
-    for m in r["mixed"]:
-        one, peft, k = m["mixed_vs_one"], m["mixed_vs_peft"], m["adapters"]
-        if k == 16:
-            rows.append((f"{where}: 16 adapters ≤ 1.15× one adapter", ci(one), one["ratio_median"] <= 1.15))
-        if k > 1:
-            label = f"{where}: {k} adapters ≤ 1.00× PEFT's adapter_names= batch"
-            rows.append((label, ci(peft), peft["ratio_median"] <= 1.0))
-    mem, one = r["memory"], r["memory"]["one-base"]
-    measured = f"{mib(one['rss_bytes'])} vs {mib(mem['bound_bytes'])}: {mem['one_base_over_bound']:.3f}×"
-    label = f"{r['model']} + 16 adapters: memory ≤ 1.05 × (one model + the adapters' bytes)"
-    return [*rows, (label, measured, mem["one_base_over_bound"] <= 1.0)]
-
-
-def _adapters(data: dict[str, Any]) -> list[str]:
-    r, keys = data["result"], ("one", "mixed", "peft", "merged")
-    lines = header(f"Many adapters on one base: {r['model']}, r = {r['r']}", data)
-    rows = [
-        [m["adapters"], f"{m['rows']} × {m['seq']}", *(ms(m["times"][k]["median_s"]) for k in keys)]
-        + [
-            *(ci(m[f"mixed_vs_{k}"]) for k in ("one", "merged", "peft")),
-            f"{m['max_abs_diff_vs_merged']:.1e}",
-        ]
-        for m in r["mixed"]
-    ]
-    head = ["adapters", "batch", "one adapter", "lorakit mixed", "PEFT mixed", "merged models", "mixed / one"]
-    lines += table([*head, "mixed / merged", "mixed / PEFT", "max |Δ| vs merged"], rows)
-    sw, us, load = r["switching"], r["switching"]["switch_us"], r["switching"]["load_s"]
-    ops = [
-        ["switch the active adapter", *(f"{us[k]['median_s'] * 1e6:,.0f} µs" for k in NAMES if k in us)],
-        ["load one more adapter", *(ms(load[k]["median_s"]) for k in NAMES if k in load)],
-    ]
-    ops = [[*op, ci(sw[key])] for op, key in zip(ops, ("switch_ratio", "load_ratio"), strict=True)]
-    lines += table(["with 16 adapters loaded", "lorakit", "PEFT", "lorakit / PEFT [95%]"], ops)
-    one, merged = r["memory"]["one-base"], r["memory"]["merged"]
-    return lines + [
-        f"Memory, each in a fresh process (resident set over the process's own before any model): one base "
-        f"with 16 adapters {mib(one['rss_bytes'])} (the base alone {mib(one['model_rss_bytes'])}, its "
-        f"parameters {mib(one['model_bytes'])}; the adapters' own tensors {mib(one['adapter_bytes'])}); 16 "
-        f"merged models {mib(merged['rss_bytes'])}. Each adapter saves the classifier's output projection "
-        "(PEFT mixes only saved modules that are Linear, Embedding or Conv layers); row i belongs to adapter "
-        "i mod K; merged models: each adapter's rows through its own merged copy, in turn.",
-        "",
-    ]
-
-
 def _many_tasks(data: dict[str, Any]) -> list[str]:
     rows = [
         [t["task"], t["dev_rows"], t["metric"], f"{t['eval_alone']:.2f}", f"{t['predict_mixed']:.2f}"]
@@ -234,67 +178,6 @@ def _speed(data: dict[str, Any], out: Path, precision: str = "fp32") -> list[str
     png = "train_step_bf16.png" if bf16 else "train_step.png"
     bars(out / png, f"{title} (median)", groups, series, "seconds")
     return lines + [f"![{title.lower()}]({png})", ""]
-
-
-def _speed_llama(data: dict[str, Any]) -> list[str]:
-    r = data["result"]
-    size = ", ".join(f"{m['contenders']['full']['trainable'] / 1e6:.1f}M parameters" for m in r["models"])
-    lines = header(f"Training step, a modern decoder: Llama architecture, {size}", data)
-    lines += [data["note"], ""] if data.get("note") else []
-    rows, ratio_rows, notes = [], [], []
-    for m in r["models"]:
-        where = f"{m['model']} {m['batch']}×{m['seq']}"
-        for name, c in m["contenders"].items():
-            rows.append(
-                [where, NAMES[name], f"{c['trainable']:,}", f"{c['median_s']:.2f} s", c["reps"]]
-                + [mib(c["peak_memory_bytes"])]
-            )
-        targets = dict(zip(("lorakit_over_peft", "lorakit_over_full"), llama_targets(m), strict=True))
-        for key, label in (
-            ("lorakit_over_peft", "lorakit LoRA / PEFT LoRA"),
-            ("lorakit_over_full", "lorakit LoRA / full fine-tuning"),
-            ("peft_over_full", "PEFT LoRA / full fine-tuning"),
-        ):
-            stats, target = m["round_ratios"][key], targets.get(key)
-            bound = target[0].rsplit(": LoRA step ", 1)[1] if target else "—"
-            met = ("yes" if target[2] else "**no**") if target else "—"
-            ratio_rows.append(
-                [
-                    where,
-                    label,
-                    len(stats["ratios"]),
-                    ci(stats),
-                    f"{stats['cpu_ratio_median']:.3f}",
-                    bound,
-                    met,
-                ]
-            )
-        ratios, shape = m["ratios"], r.get("shapes", {}).get(m["model"])
-        text = (
-            f"{where}: peak memory lorakit / full {ratios['memory_lorakit_over_full']:.3f}, lorakit / PEFT "
-            f"{ratios['memory_lorakit_over_peft']:.3f} (no target)."
-        )
-        if shape:
-            keys = ", ".join(f"{k} {v}" for k, v in shape["config"].items())
-            text += (
-                f" {m['model']}: {shape['family']} ({keys}); {m['contenders']['full']['trainable']:,} "
-                "parameters (full fine-tuning's trainable), random weights, a causal LM trained on next "
-                f"tokens as GPT-2 medium is; LoRA r = {m['r']}, alpha = {m.get('alpha', 16.0):g} on "
-                f"{', '.join(shape['lorakit_targets'])} (lorakit's preset), PEFT on "
-                f"{', '.join(shape['peft_targets'])}; {m['precision']}, torch's fused AdamW for every "
-                "contender."
-            )
-        notes += [text, ""]
-    lines += table(["model", "contender", "trainable", "median step", "rounds", "peak memory"], rows)
-    head = ["model", "step time, round by round", "rounds", "wall: median [95%]", "CPU time: median"]
-    lines += table([*head, "target", "met"], ratio_rows) + notes
-    end = r.get("load_average_end")
-    load = f"Load average at the end: {end[0]:.2f} / {end[1]:.2f} / {end[2]:.2f}. " if end else ""
-    return lines + [
-        f"{load}Reproduce: `python scripts/bench.py{' --quick' if data.get('quick') else ''} --only "
-        "speed-llama --out benchmarks`.",
-        "",
-    ]
 
 
 def _inference(data: dict[str, Any], out: Path) -> list[str]:
@@ -461,7 +344,7 @@ def render(out: Path) -> Path:
     if "speed-bf16" in sections:
         lines += _speed(sections["speed-bf16"], out, "bf16")
     if "speed-llama" in sections:
-        lines += _speed_llama(sections["speed-llama"])
+        lines += render_llama(sections["speed-llama"])
     for key in ("inference", "inference-bf16"):
         if key in sections:
             lines += _inference(sections[key], out)
@@ -469,7 +352,7 @@ def render(out: Path) -> Path:
     if "sizes" in sections:
         lines += _sizes(sections["sizes"])
     if "adapters" in sections:
-        lines += _adapters(sections["adapters"])
+        lines += render_adapters(sections["adapters"])
     if "serve" in sections:
         lines += render_serve(sections["serve"])
     if overload := read_json(out / "serve-overload.json"):  # scripts/bench_overload.py, its own run
