@@ -190,6 +190,7 @@ def render(data: dict[str, Any]) -> list[str]:
         "max |logit diff|",
     ]
     lines += table(head, rows)
+    lines += [data["note"], ""] if data.get("note") else []
     return lines + [
         "Training: one worker process per contender, steps interleaved round by round; peak memory is the "
         "worker's VmHWM restarted once the model is built. Serving: resident memory of a fresh process over "
