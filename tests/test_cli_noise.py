@@ -115,8 +115,11 @@ def test_completion_can_be_installed(tmp_path: Path) -> None:
     script = Path(sys.executable).parent / "lorakit"
     done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert "--install-completion" in done.stdout and "--show-completion" in done.stdout
+    # Typer's own switch for naming the shell: without it, Typer 0.16 (our floor) takes the shell from the
+    # parent process (`sh` under make, which it does not support) and refuses a value.
+    env = {**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
     done = subprocess.run(
-        [str(script), "--show-completion", "bash"], capture_output=True, text=True, timeout=120
+        [str(script), "--show-completion", "bash"], capture_output=True, text=True, timeout=120, env=env
     )
     assert done.returncode == 0 and "_LORAKIT_COMPLETE=complete_bash" in done.stdout
     assert "complete -o default" in done.stdout  # no candidates: bash completes file names
