@@ -235,3 +235,17 @@ def test_text_stream_holds_back_what_may_change_and_cuts_at_stop_strings() -> No
     unfinished = TextStream(_Chars())
     assert unfinished.add(ord("a")) + unfinished.add(0xFFFD) == "a"  # half a character: held
     assert unfinished.finish() == "\ufffd" and unfinished.text == "a\ufffd"
+
+
+def test_a_temperature_near_zero_samples_the_most_likely_token() -> None:
+    """Found by the fuzz test: 1e-300 is a valid temperature, and dividing the raw logits by it gave inf
+    and a nan softmax; it must draw the argmax, as greedy decoding would."""
+    import torch
+
+    from lorakit.serve.decoding import Sampling, _sample
+
+    logits = torch.tensor([1.5, 3.25, -2.0, 3.0])
+    for temperature in (1e-300, 5e-324, 1e-8):
+        for top_p in (1.0, 0.5):
+            drawn = _sample(logits, Sampling(temperature, top_p), torch.Generator().manual_seed(0))
+            assert drawn == 1, (temperature, top_p)

@@ -217,7 +217,11 @@ class DecodeEngine:
 def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
     """A token drawn from softmax(logits / temperature), within the smallest set of tokens whose
     probability reaches ``top_p``."""
-    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    # In float64 (a temperature of 1e-300 is valid and is 0 in float32), shifted so that the largest logit
+    # is 0 before dividing: a temperature near 0 then sends the others to -inf, never the top one to +inf,
+    # whose softmax would be nan.
+    shifted = logits.double() - logits.max().double()
+    probs = torch.softmax(shifted / sampling.temperature, dim=-1)
     if sampling.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above each one
