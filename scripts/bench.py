@@ -1,11 +1,13 @@
 """lorakit's benchmarks: LoRA's promises measured against what a user would pick instead, in one run.
 
-    python scripts/bench.py --out benchmarks            # make bench (50 min on 2 cores; + bench_overload.py)
+    python scripts/bench.py --out benchmarks            # make bench (55 min on 2 cores; then 10 more, below)
     python scripts/bench.py --quick --out benchmarks    # make bench-quick  (a few minutes)
     python scripts/bench.py --only speed --out DIR      # one section (repeatable; see SECTIONS)
 
 Sections write ``DIR/<section>.json`` (``--quick`` runs write ``DIR/quick/``); ``DIR/RESULTS.md`` and its
 PNG plots are then rendered from every section JSON in DIR, so rerunning one section keeps the others.
+`make bench` then runs scripts/bench_overload.py and scripts/bench_generation_serve.py (their own `lorakit
+serve` processes, about 10 minutes), which write their JSON beside these and render RESULTS.md again.
 ``lr-sweep`` (the learning-rate search the quality section's rates come from) runs only when named.
 """
 
