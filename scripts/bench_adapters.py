@@ -182,14 +182,22 @@ def mixed_batches(
 
 def memory_probe(mode: str, shape: str, dirs: list[str]) -> dict[str, Any]:
     """In a fresh process, resident memory over the process's own before any model: after building the
-    base model (``model_rss_bytes``), then with every adapter of ``dirs`` loaded beside it ("one-base"),
-    or with one merged model per adapter ("merged")."""
-    from lorakit.lora import adapter_bytes, adapter_names, load_named_adapter
+    base model (``model_rss_bytes``), then with every adapter of ``dirs`` loaded beside it ("one-base"; or
+    "one-base:nf4", "one-base:int8" on a base quantized as ``model.quantize`` would, its freed float32
+    weights given back first), or with one merged model per adapter ("merged")."""
+    from bench_common import reset_peak_rss
 
+    from lorakit.lora import adapter_bytes, adapter_names, load_named_adapter
+    from lorakit.quantization import base_weight_bytes, quantize_model
+
+    mode, _, quantize = mode.partition(":")
     before = current_rss_bytes()
     base = build_base(SHAPES[shape])
     model_rss = current_rss_bytes() - before
     model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    if quantize:
+        quantize_model(base, quantize, keep=("classifier",))  # the head stays dense, as modules_to_save
+        reset_peak_rss()
     if mode == "one-base":
         for k, path in enumerate(dirs):
             load_named_adapter(base, Path(path), f"a{k}")
@@ -205,6 +213,7 @@ def memory_probe(mode: str, shape: str, dirs: list[str]) -> dict[str, Any]:
         "model_rss_bytes": model_rss,
         "model_bytes": model_bytes,
         "adapter_bytes": own,
+        "base_bytes": base_weight_bytes(held[0]),  # the adapters' tensors included
         "models": len(held),
     }
 

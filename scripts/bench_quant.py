@@ -10,8 +10,9 @@ against LoRA on the float32 base, side by side in one run.
   after building, as a quantized run's dense checkpoint is read once at load, not during training).
 * Serving, roberta-base's shape with 16 adapters (r = 8 on query and value, each with its own head):
   resident memory of a fresh process holding the base and the 16 adapters, over what the process held
-  before the model (``bench_adapters.memory_probe``); and a mixed batch of 64 rows × 32 tokens over the 16
-  adapters, the three bases' batches interleaved round by round in one process.
+  before the model (``bench_adapters.memory_probe``, its one-base:nf4 and one-base:int8 modes); and a
+  mixed batch of 64 rows × 32 tokens over the 16 adapters, the three bases' batches interleaved round by
+  round in one process.
 
 Targets, fixed before the first run (the issue's): gpt2-medium's base weight bytes nf4 ≤ 0.30× float32;
 peak training memory ≤ 0.75× LoRA on the float32 base; step time ≤ 1.5×; roberta-base with 16 adapters:
@@ -32,6 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import bench_adapters
 import torch
 from bench_adapters import _served, _write_adapters
 from bench_common import SHAPES, build_base, interleave, ratio_stats, summarize, timed
@@ -51,28 +53,6 @@ def _quantized(base: torch.nn.Module, method: str) -> torch.nn.Module:
     return model
 
 
-def serving_memory_probe(method: str, shape: str, dirs: list[str]) -> dict[str, Any]:
-    """In a fresh process: resident memory over the process's own before any model, once the base
-    (quantized by ``method`` unless "none") and the adapters of ``dirs`` are loaded."""
-    from bench_common import current_rss_bytes, reset_peak_rss
-
-    from lorakit.lora import load_named_adapter
-    from lorakit.quantization import base_weight_bytes, quantize_model
-
-    before = current_rss_bytes()
-    base = build_base(SHAPES[shape]).eval()
-    if method != "none":
-        quantize_model(base, method, keep=HEAD_KEEP)
-    for k, path in enumerate(dirs):
-        load_named_adapter(base, Path(path), f"a{k}")
-    reset_peak_rss()  # returns the dense weights a quantized base no longer holds
-    return {
-        "method": method,
-        "rss_bytes": current_rss_bytes() - before,
-        "base_bytes": base_weight_bytes(base),
-    }
-
-
 def serving(shape: str, rows: int, seq: int, reps: int) -> dict[str, Any]:
     """Resident memory (fresh processes) and mixed-batch time (one process) of 16 adapters on each base."""
     from lorakit.lora import mixed_logits
@@ -81,10 +61,11 @@ def serving(shape: str, rows: int, seq: int, reps: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="lorakit-quant-") as tmp:
         dirs = _write_adapters(base, Path(tmp), 16)
         memory = {}
-        for method in ("none", *METHODS):
-            args = [sys.executable, __file__, "--memory", method, shape, *map(str, dirs)]
+        for method in ("none", *METHODS):  # bench_adapters' fresh-process probe, on each base
+            mode = "one-base" if method == "none" else f"one-base:{method}"
+            args = [sys.executable, bench_adapters.__file__, "--memory", mode, shape, *map(str, dirs)]
             done = subprocess.run(args, capture_output=True, text=True, check=True, cwd=Path(__file__).parent)
-            memory[method] = json.loads(done.stdout.strip().splitlines()[-1])
+            memory[method] = {"method": method, **json.loads(done.stdout.strip().splitlines()[-1])}
         served = {method: _served(_quantized(base, method), dirs) for method in ("none", *METHODS)}
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, base.config.vocab_size, (rows, seq), generator=gen)
@@ -199,10 +180,3 @@ def render(data: dict[str, Any]) -> list[str]:
         "Reproduce: `python scripts/bench.py --only quant --out benchmarks`.",
         "",
     ]
-
-
-if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "--memory":
-    from bench_common import setup_torch
-
-    setup_torch()
-    print(json.dumps(serving_memory_probe(sys.argv[2], sys.argv[3], sys.argv[4:])))

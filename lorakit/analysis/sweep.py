@@ -303,6 +303,19 @@ def load_sweep(
     return sweep
 
 
+def log_error(log: Path, status: int) -> str:
+    """A point's training log's own one-line error (``lorakit: error: ...``), or its exit status."""
+    try:
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        lines = []
+    for line in reversed(lines):
+        for tag in ("lorakit: error: ", "lorakit: failed: "):
+            if line.startswith(tag):
+                return line[len(tag) :].strip()
+    return f"lorakit train exited with status {status} (see {log})"
+
+
 def finished_metrics(run_dir: Path) -> dict[str, Any] | None:
     """A run's metrics.json when it is complete (the best main metric and the parameter counts), else None."""
     try:

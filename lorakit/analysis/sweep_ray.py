@@ -32,7 +32,7 @@ from typing import Any
 
 from rich.console import Console
 
-from lorakit.analysis.sweep import LOGS, Sweep, finished_metrics
+from lorakit.analysis.sweep import LOGS, Sweep, finished_metrics, log_error
 from lorakit.errors import Interrupted, UserError
 
 TOKEN_FILE = ".lorakit-sweep-token"
@@ -205,8 +205,6 @@ def _wait_cancelled(ray: Any, refs: list[Any], timeout: float = 120) -> None:
 
 
 def _outcome(ray: Any, ref: Any, point: Any, root: Path) -> tuple[str, str | None]:
-    from lorakit.analysis.sweep_run import _log_error
-
     log = root / LOGS / f"{point.name}.log"
     try:
         code, node = ray.get(ref)
@@ -216,7 +214,7 @@ def _outcome(ray: Any, ref: Any, point: Any, root: Path) -> tuple[str, str | Non
     if code == TASK_NOT_SHARED:
         return "failed", f"node {node} does not see the sweep's directory {root}: it must be shared storage"
     if code != 0:
-        return "failed", _log_error(log, code)
+        return "failed", log_error(log, code)
     if finished_metrics(point.run_dir) is None:
         return "failed", (
             f"the point finished on node {node} but {point.run_dir}/metrics.json cannot be read here: the "

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from lorakit.analysis.sweep import LOGS, Point, Sweep, finished_metrics, point_state
+from lorakit.analysis.sweep import LOGS, Point, Sweep, finished_metrics, log_error, point_state
 from lorakit.analysis.sweep_report import SWEEP_JSON, write_reports
 from lorakit.errors import Interrupted, UserError
 
@@ -103,19 +103,6 @@ def _error_line(exc: Exception) -> str:
         traceback.print_exc()
     text = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
     return " ".join(text.split())
-
-
-def _log_error(log: Path, status: int) -> str:
-    """The child's own one-line error (``lorakit: error: ...``), or its exit status."""
-    try:
-        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        lines = []
-    for line in reversed(lines):
-        for tag in ("lorakit: error: ", "lorakit: failed: "):
-            if line.startswith(tag):
-                return line[len(tag) :].strip()
-    return f"lorakit train exited with status {status} (see {log})"
 
 
 class _Recorder:
@@ -225,7 +212,7 @@ def _run_children(todo: list[tuple[Point, bool]], rec: _Recorder, jobs: int, con
                     result.wall_seconds = time.perf_counter() - child.start
                     code = child.proc.returncode
                     result.status = "done" if code == 0 else "failed"
-                    result.error = None if code == 0 else _log_error(child.log, code)
+                    result.error = None if code == 0 else log_error(child.log, code)
                     done += 1
                     rec.finish(result, progress.console, done, len(todo))
                     progress.update(bar, completed=done)

@@ -15,6 +15,7 @@ never keeps a dense float copy of a weight alive between forward and backward.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
@@ -48,7 +49,7 @@ class QuantizedLinearFunction(torch.autograd.Function):
         return (grad_x, grad_bias, None, *([None] * len(stored)))
 
 
-class QuantizedLinear(nn.Linear):
+class QuantizedLinear(nn.Linear, ABC):
     """A frozen ``nn.Linear`` whose weight is held quantized; subclasses say how (``stored``,
     ``dequant``). The bias stays in full precision. ``weight`` is the quantized storage's main tensor
     (int8 rows, or torchao's NF4 tensor), so code reading ``module.weight.device`` keeps working."""
@@ -60,21 +61,23 @@ class QuantizedLinear(nn.Linear):
         self.in_features, self.out_features = in_features, out_features
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
+    @abstractmethod
     def stored(self) -> tuple[torch.Tensor, ...]:
-        raise NotImplementedError
+        """The tensors the weight is stored as, in ``dequant_fn``'s order."""
 
     @staticmethod
+    @abstractmethod
     def dequant_fn(*stored: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The dense (out, in) weight from ``stored()``."""
 
     def dequantize(self) -> torch.Tensor:
         """The dense (out, in) float32 weight this layer computes with."""
         with torch.no_grad():
             return self.dequant_fn(*self.stored()).to(torch.float32)
 
+    @abstractmethod
     def weight_bytes(self) -> int:
         """Bytes of the quantized weight's storage (the bias excluded)."""
-        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return QuantizedLinearFunction.apply(x, self.bias, self.dequant_fn, *self.stored())

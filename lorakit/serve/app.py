@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request, Response
@@ -34,11 +33,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorakit.errors import UserError
 from lorakit.lora import BrokenFileError
-from lorakit.predict import AdapterSource, MergedPredictor, Predictor, Row, check_prompts, read_source
+from lorakit.predict import Row, check_prompts
 from lorakit.serve import admin
 from lorakit.serve.asgi import RequestMiddleware
 from lorakit.serve.auth import AuthMiddleware, Keys, Principal
-from lorakit.serve.batcher import Batcher, QueueFull
+from lorakit.serve.batcher import QueueFull
 from lorakit.serve.limits import (
     RETRY_AFTER,
     BodyLimitMiddleware,
@@ -47,9 +46,7 @@ from lorakit.serve.limits import (
     busy_detail,
     check_inputs,
 )
-from lorakit.serve.metrics import Metrics
 from lorakit.serve.openai_errors import OPENAI_PATHS, OpenAIErrorShape, openai_answer
-from lorakit.serve.options import ServeOptions, check_generation_length
 from lorakit.serve.schemas import (
     AdapterInfo,
     AdapterList,
@@ -59,49 +56,9 @@ from lorakit.serve.schemas import (
     PredictResponse,
     errors,
 )
+from lorakit.serve.service import Service
 
 log = logging.getLogger("lorakit.serve")
-
-
-@dataclass
-class Service:
-    """What the app serves: the predictor (touched on the batcher's worker thread only) and, on the event
-    loop's side, the adapters requests may name, the options, the keys and the metrics."""
-
-    predictor: Predictor | MergedPredictor
-    batcher: Batcher
-    base: str | None = None  # --base as given, for PEFT directories loaded later
-    options: ServeOptions = field(default_factory=ServeOptions)
-    metrics: Metrics = field(default_factory=Metrics)
-    sources: dict[str, AdapterSource] = field(default_factory=dict)
-    adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
-    loading: set[str] = field(default_factory=set)
-    generation: Any = None  # a DecodeScheduler when the adapters generate text (and are not merged)
-
-    def __post_init__(self) -> None:
-        self.sources = dict(self.predictor.sources)
-        self.adapters = {name: dict(info) for name, info in self.predictor.info.items()}
-        self.metrics.adapters.set(len(self.adapters))
-
-    def load(self, name: str, directory: Any) -> tuple[AdapterSource, dict[str, Any]]:
-        """Check one adapter against the base from its headers, then load it (on the worker thread);
-        UserError when it does not fit."""
-        source = read_source(f"{name}={directory}", self.base, None, where=f"adapter {name!r}")
-        check_generation_length(source, self.options.max_new_tokens)
-        if not admin.same_base(source.base, self.predictor.base):  # a base elsewhere is not even read
-            raise UserError(f"trained on another base model than the one served ({source.base!r})")
-        model = (
-            self.predictor.model
-            if isinstance(self.predictor, Predictor)
-            else next(iter(self.predictor.parts.values())).model
-        )
-        admin.check_against_base(model, source.path)
-        self.predictor.add(source)
-        return source, dict(self.predictor.info[name])
-
-    def public_info(self, info: dict[str, Any]) -> dict[str, Any]:
-        """An adapter as listed: its path relative to the root, never absolute."""
-        return admin.info_for_client(info, self.options.adapter_root)
 
 
 def _one_line(text: object) -> str:

@@ -46,7 +46,7 @@ from lorakit.serve.openai_schemas import (
 from lorakit.serve.text_stream import TextStream
 
 if TYPE_CHECKING:
-    from lorakit.serve.app import Service
+    from lorakit.serve.service import Service
 
 COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default max_tokens for completions
 
