@@ -323,6 +323,17 @@ BAD_SWEEPS = [
     ({"grid": {"output_dir": ["a"]}}, "grid.output_dir:"),
     ({"grid": {"lora.r": [1]}, "rows": "lora.alpha"}, "rows: not a grid key"),
     ({"recipe": "missing.yaml", "grid": {"lora.r": [1]}}, "recipe: recipe file not found"),
+    # Linked keys: one value per key, each key swept once, and its errors name the grid entry.
+    ({"grid": {"method,train.lr": [["lora"]]}}, "grid.method,train.lr: each value is a list of 2"),
+    ({"grid": {"method,train.lr": ["lora"]}}, "grid.method,train.lr: each value is a list of 2"),
+    ({"grid": {"method,method": [["lora", "full"]]}}, "grid.method,method: linked keys are distinct"),
+    ({"grid": {"method,train.lr": [["lora", 0.1]], "train.lr": [0.2]}}, "grid.method,train.lr: train.lr is swept twice"),
+    ({"set": {"train.lr": 0.1}, "grid": {"method,train.lr": [["lora", 0.1]]}}, "set.train.lr: also in grid"),
+    (
+        {"grid": {"method,train.lrr": [["lora", 0.1]]}},
+        "grid.method,train.lrr: unknown key (did you mean lr?)",
+    ),
+    ({"grid": {"method,train.lr": [["lora", -1]]}}, "grid.method,train.lr: must be greater than 0"),
 ]
 
 
@@ -360,6 +371,35 @@ def test_point_names_are_file_safe_and_distinct(
     assert names[2] == "target_modules=query,lr=0.0001"
     assert names[0] != names[1] and all(n.startswith("target_modules=.__query_value_") for n in names[:2])
     assert all("/" not in n and "|" not in n and "*" not in n for n in names)
+
+
+def test_linked_keys_set_their_values_together_and_train(
+    tmp_path: Path, tiny_roberta_dir: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A learning rate that goes with its method: two points, not four, each trained with its own pair."""
+    base_recipe(tmp_path / "base.yaml", tiny_roberta_dir, shared_data)
+    grid = {"method,train.lr": [["lora", 0.02], ["full", 0.001]], "lora.r": [2]}
+    sweep_file = write_sweep(
+        tmp_path / "s.yaml", recipe="base.yaml", grid=grid, output_dir=str(tmp_path / "o")
+    )
+    sweep = load_sweep(sweep_file)
+    assert [p.name for p in sweep.points] == ["method=lora,r=2", "method=full,r=2"]
+    assert [(p.recipe.method, p.recipe.train.lr, p.recipe.lora.r) for p in sweep.points] == [
+        ("lora", 0.02, 2),
+        ("full", 0.001, 2),
+    ]
+    assert sweep.points[1].overrides[:2] == ['method="full"', "train.lr=0.001"]
+    monkeypatch.setenv("LORAKIT_HOME", str(tmp_path / "home"))
+    assert main(["sweep", str(sweep_file)]) == 0
+    for point in sweep.points:
+        saved = yaml.safe_load((point.run_dir / "recipe.yaml").read_text())
+        assert (saved["method"], saved["train"]["lr"]) == (point.recipe.method, point.recipe.train.lr)
+        trained = metrics_of(point.run_dir)["parameters"]
+        assert (trained["trainable"] == trained["total"]) == (point.recipe.method == "full")
+    md = (tmp_path / "o" / "sweep.md").read_text()
+    assert "| lora+0.02 |" in md and "| full+0.001 |" in md  # the table shows each pair
+    # The rows/cols of a linked entry are the entry itself.
+    assert main(["sweep", str(sweep_file), "--rows", "method,train.lr", "--cols", "lora.r"]) == 0
 
 
 @pytest.fixture

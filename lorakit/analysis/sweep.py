@@ -9,6 +9,7 @@ The sweep file (every key but ``grid`` and ``recipe`` optional; unknown keys are
       lora.r: [1, 2, 8]                  # every combination, the first key varying slowest
       lora.target_modules: [[query], [value], [query, value]]
       train.seed: [0, 1]
+      method,train.lr: [[lora, 1.0e-3], [full, 5.0e-5]]   # linked keys: the values go together
     output_dir: runs/sweeps/NAME         # the sweep's root (relative to the working directory, as a
                                          # recipe's output_dir); default runs/sweeps/<sweep file stem>
     rows: lora.target_modules            # sweep.md's rows and columns (grid keys); default: the first
@@ -18,10 +19,14 @@ The sweep file (every key but ``grid`` and ``recipe`` optional; unknown keys are
 Every point's recipe is resolved and validated, and every existing point directory checked, before
 anything trains: a bad key or value is one line naming the sweep file and ``grid.KEY`` or ``set.KEY``.
 
+A grid key may join several recipe keys with commas (*linked keys*): each of its values is a list with one
+value per key, set together, so that a learning rate goes with its method or a data folder with its task.
+
 A point is named by its grid values in grid order, ``r=8,target_modules=query+value,seed=0`` (the last
-part of each key unless two keys share it; characters outside ``[A-Za-z0-9._+=,-]`` become ``_``; names
-that would collide get a hash of their values), and trains into ``<output_dir>/<name>`` exactly as
-``lorakit train RECIPE --set ... --output-dir <output_dir>/<name>`` would. A point whose metrics.json is
+part of each key unless two keys share it; linked keys by their first key and its value; characters
+outside ``[A-Za-z0-9._+=,-]`` become ``_``; names that would collide get a hash of their values), and
+trains into ``<output_dir>/<name>`` exactly as ``lorakit train RECIPE --set ... --output-dir
+<output_dir>/<name>`` would. A point whose metrics.json is
 complete is reused, one holding a checkpoint but no metrics (interrupted) is resumed, so a rerun does
 only what is missing; a finished point whose recipe.yaml differs from the sweep's is refused (exit 2).
 A point that fails is reported in the tables and makes the exit status 1; the others still run.
@@ -41,11 +46,18 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lorakit.analysis.sweep_file import (
+    SweepFile,
+    _as_override,
+    check_grid,
+    grid_overrides,
+    linked_keys,
+    read_sweep_file,
+)
 from lorakit.errors import UserError
 from lorakit.recipe import Recipe, load_recipe
 from lorakit.recipe.schema import show_value
@@ -54,31 +66,6 @@ from lorakit.runs import METRICS_FILE, RECIPE_FILE
 LOGS = "logs"  # no point name can be this: every name holds '='
 _SAFE = re.compile(r"[^A-Za-z0-9._+=,-]")
 _MAX_NAME = 160
-
-
-class SweepFile(BaseModel):
-    """The sweep file as written (see the module docstring)."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    recipe: str = Field(min_length=1)
-    fixed: dict[str, Any] = Field(default_factory=dict, alias="set")
-    grid: dict[str, list[Any]]
-    output_dir: str | None = Field(None, min_length=1)
-    rows: str | None = None
-    cols: str | None = None
-    resources: dict[Literal["num_cpus", "num_gpus", "memory"], Annotated[float, Field(ge=0)]] = Field(
-        default_factory=dict
-    )
-
-    @field_validator("resources")
-    @classmethod
-    def _whole_gpus(cls, value: dict[str, float]) -> dict[str, float]:
-        # Ray's own rule, checked only when a task is submitted, long after the sweep started.
-        gpus = value.get("num_gpus", 0.0)
-        if gpus > 1 and gpus != int(gpus):
-            raise ValueError("num_gpus above 1 is a whole number: a fraction of a GPU is below 1")
-        return value
 
 
 @dataclass
@@ -128,14 +115,15 @@ def show(value: Any) -> str:
     return str(value)
 
 
-def _as_override(key: str, value: Any) -> str:
-    # JSON is YAML, and the recipe loader parses override values as YAML: the value comes back as written.
-    return f"{key}={json.dumps(value)}"
+def _name_value(key: str, value: Any) -> Any:
+    return value[0] if len(linked_keys(key)) > 1 else value
 
 
 def _short_keys(keys: list[str]) -> dict[str, str]:
-    last = [k.rsplit(".", 1)[-1] for k in keys]
-    return {k: short if last.count(short) == 1 else k for k, short in zip(keys, last, strict=True)}
+    last = [linked_keys(k)[0].rsplit(".", 1)[-1] for k in keys]
+    return {
+        k: short if last.count(short) == 1 else linked_keys(k)[0] for k, short in zip(keys, last, strict=True)
+    }
 
 
 def _digest(values: dict[str, Any]) -> str:
@@ -147,72 +135,12 @@ def point_names(grid: dict[str, list[Any]], combos: list[dict[str, Any]]) -> lis
     short = _short_keys(list(grid))
     names = []
     for values in combos:
-        name = _SAFE.sub("_", ",".join(f"{short[k]}={show(v)}" for k, v in values.items()))
+        name = _SAFE.sub("_", ",".join(f"{short[k]}={show(_name_value(k, v))}" for k, v in values.items()))
         if len(name) > _MAX_NAME:
             name = f"{name[:_MAX_NAME]}-{_digest(values)}"
         names.append(name)
     counts = {n: names.count(n) for n in names}
     return [f"{n}-{_digest(v)}" if counts[n] > 1 else n for n, v in zip(names, combos, strict=True)]
-
-
-def _read_sweep_file(path: Path) -> SweepFile:
-    where = str(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError("sweep file not found", where=where) from None
-    except IsADirectoryError:
-        raise UserError("is a directory, not a sweep file", where=where) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f": line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"invalid YAML: {getattr(exc, 'problem', None) or exc}", where=where + line) from None
-    except (OSError, UnicodeError) as exc:
-        raise UserError(f"cannot read the sweep file: {exc}", where=where) from None
-    if not isinstance(data, dict):
-        raise UserError("a sweep file is a mapping (recipe, set, grid, ...)", where=where)
-    try:
-        return SweepFile.model_validate(data)
-    except ValidationError as exc:
-        # An unknown key first: `grids:` is a misspelt grid, better told than "grid: missing".
-        error = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
-        key = ".".join(str(part) for part in error["loc"] if part != "[key]")  # pydantic's: a bad dict key
-        messages = {
-            "extra_forbidden": "unknown key (expected recipe, set, grid, output_dir, rows, cols, resources)",
-            "missing": "missing",
-            "list_type": "expected a list of values",
-            "dict_type": "expected a mapping of dotted recipe keys",
-            "string_type": "expected a string",
-            "string_too_short": "must not be empty",
-        }
-        message = messages.get(error["type"], str(error["msg"]).removeprefix("Value error, "))
-        if error["type"] not in ("missing", "extra_forbidden"):
-            message += f" (got {show_value(error['input'])})"
-        raise UserError(message, where=f"{where}: {key}") from None
-
-
-def _check_grid(spec: SweepFile, where: str, cli_set: list[str]) -> None:
-    if not spec.grid:
-        raise UserError("empty: give at least one recipe key with a list of values", where=f"{where}: grid")
-    for key, values in spec.grid.items():
-        if not values:
-            raise UserError("empty list of values", where=f"{where}: grid.{key}")
-        dumped = [json.dumps(v, sort_keys=True) for v in values]
-        for i, text in enumerate(dumped):
-            if text in dumped[:i]:
-                raise UserError(f"value {show_value(values[i])} appears twice", where=f"{where}: grid.{key}")
-        if key == "output_dir":
-            raise UserError(
-                "set by the sweep for each point; use the sweep's output_dir", f"{where}: grid.{key}"
-            )
-        if key in spec.fixed:
-            raise UserError("also in grid; a key is fixed or swept, not both", where=f"{where}: set.{key}")
-    if "output_dir" in spec.fixed:
-        raise UserError("use the sweep's own output_dir: key", where=f"{where}: set.output_dir")
-    for item in cli_set:
-        key = item.partition("=")[0].strip()
-        if key in spec.grid or key == "output_dir":
-            raise UserError(f"{key} is swept or set by the sweep", where=f"--set {key}")
 
 
 def _layout_key(value: str | None, grid: dict[str, list[Any]], where: str) -> str | None:
@@ -253,7 +181,7 @@ def _point_error(exc: UserError, point: dict[str, Any], fixed: list[str], source
         return key == k or key.startswith((f"{k}.", f"{k}[")) or k.startswith(f"{key}.")
 
     for k, value in point.items():
-        if owns(k):
+        if any(owns(part) for part in linked_keys(k)):
             shown = message if "(got " in message else f"{message} (got {show_value(value)})"
             return UserError(shown, where=f"{source}: grid.{k}")
     for k in fixed:
@@ -276,9 +204,9 @@ def load_sweep(
     """
     path = Path(path)
     where = str(path)
-    spec = _read_sweep_file(path)
+    spec = read_sweep_file(path)
     cli_set = list(cli_set or [])
-    _check_grid(spec, where, cli_set)
+    check_grid(spec, where, cli_set)
     base = Path(spec.recipe).expanduser()
     # normpath: configs/sweeps/../demo.yaml reads configs/demo.yaml in commands and tables.
     base = Path(os.path.normpath(base if base.is_absolute() else path.parent / base))
@@ -293,7 +221,7 @@ def load_sweep(
     sweep.resources = {str(k): float(v) for k, v in spec.resources.items()}
     combos = [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*spec.grid.values())]
     for name, values in zip(point_names(spec.grid, combos), combos, strict=True):
-        overrides = [*fixed_items, *(_as_override(k, v) for k, v in values.items())]
+        overrides = [*fixed_items, *(o for k, v in values.items() for o in grid_overrides(k, v))]
         overrides.append(f"output_dir={json.dumps(str(root / name))}")
         try:
             recipe = load_recipe(base, overrides)
