@@ -8,7 +8,8 @@ Sections write ``DIR/<section>.json`` (``--quick`` runs write ``DIR/quick/``); `
 PNG plots are then rendered from every section JSON in DIR, so rerunning one section keeps the others.
 `make bench` then runs scripts/bench_overload.py and scripts/bench_generation_serve.py (their own `lorakit
 serve` processes, about 10 minutes), which write their JSON beside these and render RESULTS.md again.
-``lr-sweep`` (the learning-rate search the quality section's rates come from) runs only when named.
+Quality at real training budgets is its own long, resumable run: scripts/bench_quality.py (`make
+bench-quality`), whose quality.json RESULTS.md renders too.
 """
 
 from __future__ import annotations
@@ -29,18 +30,13 @@ SECTIONS = (
     "adapters",
     "quant",
     "serve",
-    "quality",
     "whole-run",
 )
-OPTIONAL_SECTIONS = ("lr-sweep",)
 
 
 def _plan(quick: bool) -> dict:
     """How big each section runs: full (``make bench``) or quick (``make bench-quick``)."""
-    from bench_quality import TaskPlan
-
     if quick:
-        sst2 = TaskPlan("sst2", "SST-2", 160, 1, eval_rows=200)
         return {
             "speed": [("roberta-small", 8, 64, 2), ("gpt2-small4", 4, 64, 2)],
             "speed_llama": [("llama-small4", 4, 64, 2)],
@@ -51,9 +47,6 @@ def _plan(quick: bool) -> dict:
             "quant": (("gpt2-small4", 4, 64, 2), ("roberta-small", 16, 16, 2)),
             # serve: training rows, dev rows a task, clients, requests, rows a request, rounds, time limit (s)
             "serve": (32, 16, 8, 40, 4, 2, 60.0),
-            "quality": [sst2],
-            "seeds": (0, 1),
-            "lr_sweep": [(sst2, 200)],
             "whole_run": (1, ("fp32",)),
         }
     import torch
@@ -61,13 +54,6 @@ def _plan(quick: bool) -> dict:
     # GPT-2 medium (and the ~350M Llama) at 16 × 128 would put a section over its time budget on 2 CPU
     # cores: 4 × 128 there, 16 × 128 on a GPU.
     gpt2_rows = 16 if torch.cuda.is_available() else 4
-    quality = [
-        TaskPlan("sst2", "SST-2", 1500, 2),
-        TaskPlan("mrpc", "MRPC", 800, 2),
-        TaskPlan("stsb", "STS-B", 600, 2),
-    ]
-    # Rows held out of each task's training file for the sweep: as many as its dev set has.
-    heldout = {"sst2": 872, "mrpc": 408, "stsb": 1000}
     return {
         # Rounds of the LoRA contenders, then how many of them also run a full fine-tuning step.
         "speed": [("roberta-base", 16, 128, 3, 2), ("gpt2-medium", gpt2_rows, 128, 3, 2)],
@@ -88,30 +74,14 @@ def _plan(quick: bool) -> dict:
         "quant": (("gpt2-medium", 4, 128, 5), ("roberta-base", 64, 32, 10)),
         # 16 clients × 4 rows: up to 64 rows waiting, one full batch at the default --max-batch-size.
         "serve": (300, 64, 16, 300, 4, 5, 120.0),
-        "quality": quality,
-        "seeds": (0, 1, 2),
-        "lr_sweep": [(plan, heldout[plan.name]) for plan in quality],
         # Rounds of both whole processes, and the precisions (about 75 s a round on 2 cores).
         "whole_run": (3, ("fp32", "bf16")),
     }
 
 
-def _lrs(out: Path) -> dict[str, dict[str, float]]:
-    """Each task's learning rates for the quality section: the sweep's picks in DIR (or the directory
-    above, for --quick), else none (``DEFAULT_LR`` then)."""
-    from bench_common import read_json
-
-    for path in (out / "lr-sweep.json", out.parent / "lr-sweep.json"):
-        sweep = read_json(path)
-        if sweep:
-            return {t["task"]: dict(t["picks"]) for t in sweep["result"]["tasks"]}
-    return {}
-
-
 def run_section(name: str, quick: bool, out: Path, data_root: Path) -> dict:
     """Run one section and return what goes into its JSON."""
     import bench_adapters
-    import bench_quality
     import bench_serve
     import bench_sizes
     import bench_speed
@@ -162,14 +132,10 @@ def run_section(name: str, quick: bool, out: Path, data_root: Path) -> dict:
         import bench_quant
 
         return bench_quant.quant_section(*plan["quant"])
-    if name == "quality":
-        return bench_quality.quality_section(plan["quality"], data_root, _lrs(out), plan["seeds"])
     if name == "whole-run":
         import bench_whole_run
 
         return bench_whole_run.whole_run_section(data_root, *plan["whole_run"])
-    if name == "lr-sweep":
-        return bench_quality.lr_sweep_section(plan["lr_sweep"], data_root)
     raise ValueError(name)
 
 
@@ -179,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks", help="results directory")
     parser.add_argument(
         "--only",
-        choices=SECTIONS + OPTIONAL_SECTIONS,
+        choices=SECTIONS,
         action="append",
         help="run only this section (repeatable)",
     )

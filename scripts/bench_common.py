@@ -16,8 +16,9 @@ import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -341,3 +342,19 @@ def environment(device: torch.device) -> dict[str, Any]:
 def read_json(path: Path) -> Any:
     """The JSON in ``path``, or None when it does not exist."""
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+@contextlib.contextmanager
+def scratch() -> Iterator[Path]:
+    """A temporary directory for the runs, holding the latest-run pointer too while they last
+    (``LORAKIT_HOME``), so that the user's own ``lorakit eval`` default is untouched."""
+    home = os.environ.get("LORAKIT_HOME")
+    with tempfile.TemporaryDirectory(prefix="lorakit-bench-") as tmp:
+        os.environ["LORAKIT_HOME"] = tmp
+        try:
+            yield Path(tmp)
+        finally:
+            if home is None:
+                os.environ.pop("LORAKIT_HOME", None)
+            else:
+                os.environ["LORAKIT_HOME"] = home

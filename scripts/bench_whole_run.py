@@ -24,8 +24,7 @@ from typing import Any
 
 import numpy as np
 import yaml
-from bench_common import _median_ci
-from bench_quality import scratch
+from bench_common import _median_ci, scratch
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = 1500

@@ -5,7 +5,7 @@ all three dev sets; each task's dev metric from that one mixed run against its o
     python scripts/many_tasks.py --out benchmarks          # writes benchmarks/many-tasks.json, prints a table
 
 Every step is the CLI itself, run as a subprocess. Training follows configs/minilm-sst2.yaml with the task,
-its rows and the learning rate each task's sweep picked (benchmarks/lr-sweep.json).
+its rows and the LoRA learning rate an earlier small-budget sweep picked for it (written below).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "glue"
-# task -> (GLUE folder, training rows, LoRA learning rate from the sweep's picks)
+# task -> (GLUE folder, training rows, LoRA learning rate)
 TASKS = {"sst2": ("SST-2", 1500, 2e-3), "mrpc": ("MRPC", 800, 5e-3), "stsb": ("STS-B", 600, 5e-3)}
 
 

@@ -1,11 +1,10 @@
 """The benchmark script on tiny inputs: adapter sizes through the real command line, training steps,
-inference and one adapted layer on a tiny model, and quality and the sweep on a few real SST-2 rows,
-through ``bench.main``; the JSON's fields and RESULTS.md's targets are checked, never timings."""
+inference and one adapted layer on a tiny model, through ``bench.main``; the JSON's fields and RESULTS.md's
+targets are checked, never timings. The quality benchmark's plumbing: test_bench_quality.py."""
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
 import json
 import statistics
@@ -226,77 +225,6 @@ def test_layer_benchmark_adapts_gpt2_slices_as_each_library_does(bench) -> None:
     theirs = bench_speed._one_layer(bench_speed.SHAPES["gpt2-small4"], "peft", 8)
     # q and v at rank r each against c_attn whole at rank r: the same number of LoRA parameters.
     assert count_parameters(ours).trainable == count_parameters(theirs).trainable == 8 * (256 + 3 * 256)
-
-
-def test_quality_runs_lorakit_train_and_peft_through_the_trainer(
-    bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The real MiniLM on a few real SST-2 rows: lorakit's contenders through ``lorakit.training.train``
-    at two seeds, PEFT through the Hugging Face Trainer at seed 0, and the quality target over seeds."""
-    import bench_quality
-
-    from lorakit.evaluation import evaluate_run
-
-    plan = bench._plan(quick=True)
-    tiny = bench_quality.TaskPlan("sst2", "SST-2", 32, 1, eval_rows=32)
-    monkeypatch.setattr(bench, "_plan", lambda quick: {**plan, "quality": [tiny], "seeds": (0, 1)})
-    monkeypatch.setenv("LORAKIT_HOME", str(tmp_path / "home"))
-    runs_dir = tmp_path / "runs"  # kept, where the benchmark would delete its scratch directory
-    scratch = bench_quality.scratch
-
-    @contextlib.contextmanager
-    def kept():
-        with scratch():
-            yield runs_dir
-
-    monkeypatch.setattr(bench_quality, "scratch", kept)
-    assert bench.main(["--quick", "--only", "quality", "--out", str(tmp_path)]) == 0
-    assert not (tmp_path / "home" / "latest_run").exists()  # the user's latest run stays theirs
-    (task,) = json.loads((tmp_path / "quick" / "quality.json").read_text())["result"]["tasks"]
-    runs = {(r["contender"], r["seed"]): r for r in task["runs"]}
-    assert set(runs) == {("lorakit", 0), ("lorakit", 1), ("full", 0), ("full", 1), ("peft", 0)}
-    assert task["main_metric"] == "accuracy" and task["majority_baseline"] > 40
-    for (name, _), r in runs.items():  # no sweep in tmp_path: the default rates
-        assert r["lr"] == bench_quality.DEFAULT_LR["full" if name == "full" else "lora"]
-        assert 0 <= r["main"] <= 100 and r["train_seconds"] > 0
-    # Same targets, rank and head modules (pooler + classifier): the same trainable parameters.
-    assert runs[("lorakit", 0)]["trainable"] == runs[("peft", 0)]["trainable"]
-    assert runs[("lorakit", 0)]["trainable"] < runs[("full", 0)]["trainable"]
-    gaps = bench_quality.seed_gaps(task)
-    assert gaps == {s: runs[("lorakit", s)]["main"] - runs[("full", s)]["main"] for s in (0, 1)}
-    results = (tmp_path / "quick" / "RESULTS.md").read_text()
-    median = statistics.median(gaps.values())
-    row = _target(results, "sst2: LoRA − full ≥ −2.0 points")
-    assert f"| {median:+.1f} (seed 0: {gaps[0]:+.1f}, seed 1: {gaps[1]:+.1f}) |" in row
-    assert row.endswith("| yes |" if median >= -2.0 else "| **no** |")
-    assert "## Quality: MiniLM-L6" in results and (tmp_path / "quick" / "quality.png").is_file()
-    # The score is what `lorakit eval` gives for the same run.
-    assert evaluate_run(runs_dir / "sst2-lora-0")["accuracy"] == pytest.approx(runs[("lorakit", 0)]["main"])
-
-
-def test_sweep_trains_on_training_rows_and_picks_the_best(
-    bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import bench_quality
-
-    data = bench.REPO.parent / "shared" / "data" / "glue"
-    tiny = bench_quality.TaskPlan("sst2", "SST-2", 24, 1)
-    folder = bench_quality.heldout_folder(tiny, data, 30, tmp_path / "split")
-    original = (data / "SST-2" / "train.tsv").read_text(encoding="utf-8").splitlines()
-    dev, train = ((folder / f).read_text(encoding="utf-8").splitlines() for f in ("dev.tsv", "train.tsv"))
-    assert dev[0] == train[0] == original[0] and len(dev) == 31
-    assert sorted(dev[1:] + train[1:]) == sorted(original[1:])  # a partition of the training file
-    monkeypatch.setattr(bench_quality, "SWEEP_LR", {"lora": (1e-3, 5e-3), "full": (1e-4,)})
-    plan = bench._plan(quick=True)
-    monkeypatch.setattr(bench, "_plan", lambda quick: {**plan, "lr_sweep": [(tiny, 30)]})
-    assert bench.main(["--quick", "--only", "lr-sweep", "--out", str(tmp_path)]) == 0
-    sweep = json.loads((tmp_path / "quick" / "lr-sweep.json").read_text())["result"]
-    (task,) = sweep["tasks"]
-    assert [(r["method"], r["lr"]) for r in task["runs"]] == [("lora", 1e-3), ("lora", 5e-3), ("full", 1e-4)]
-    best = max(task["runs"][:2], key=lambda r: r["main"])
-    assert task["picks"] == {"lora": best["lr"], "full": 1e-4}
-    assert bench._lrs(tmp_path / "quick") == {"sst2": task["picks"]}
-    assert "`lr-sweep.json`" in (tmp_path / "quick" / "RESULTS.md").read_text()
 
 
 def test_the_bf16_step_runs_under_autocast_with_float32_weights_and_has_its_own_targets(
