@@ -11,7 +11,8 @@ directories are under benchmarks/quality/, where each finished point's metrics.j
 committed, so a rerun (this session's or the next one's) trains only what is missing. PEFT's runs read
 their settings from the matching lorakit point's resolved recipe (rows, seed, tokenization, batch, epochs,
 schedule, warmup, weight decay, clipping, heads), so the two cannot drift apart, and write one JSON each
-under benchmarks/quality/peft/, skipped when present. The report (``bench_quality_report``) writes
+under benchmarks/quality/peft/, skipped when present (main/: at PEFT's own pick, the protocol;
+same-lr/: at lorakit LoRA's rate, beside it). The report (``bench_quality_report``) writes
 benchmarks/quality.json, which ``bench_report`` renders into RESULTS.md with its targets.
 """
 
@@ -238,7 +239,11 @@ def main() -> None:
         check_picks()  # the sweep files' rates are the grid's picks, or nothing trains
         for path in MAIN_SWEEPS:
             lorakit_sweep(path)
-        peft_runs(sweep_points(MAIN_SWEEPS[0]), check_picks()["peft"], PEFT_DIR / "main")
+        picks = check_picks()
+        peft_runs(sweep_points(MAIN_SWEEPS[0]), picks["peft"], PEFT_DIR / "main")
+        # Beside the protocol (each contender at its own pick), PEFT at lorakit LoRA's rate: the two
+        # implementations at one setting, so that a gap from the rates is told apart from one of the code.
+        peft_runs(sweep_points(MAIN_SWEEPS[0]), picks["lorakit"], PEFT_DIR / "same-lr")
     if "quant" in stages:
         lorakit_sweep(QUANT_SWEEP)
     if "report" in stages:

@@ -149,11 +149,12 @@ def collect() -> dict[str, Any]:
         if bq.QUANT_SWEEP.is_file()
         else []
     )
+    same_lr = same_rate(lorakit)
     grid = grid_results()
     # The runs' own wall times (each run's data, model, steps, evaluation and saving), by stage.
     stages = {
         "grid": sum(g["wall_seconds"] for runs in grid.values() for g in runs),
-        "quality": sum(r["wall_seconds"] for r in runs),
+        "quality": sum(r["wall_seconds"] for r in runs) + sum(r["peft_wall_seconds"] for r in same_lr),
         "quant": sum(r["wall_seconds"] for r in quant),
     }
     return {
@@ -167,7 +168,29 @@ def collect() -> dict[str, Any]:
         "average": average,
         "targets": targets,
         "quant": quant_summary(quant),
+        "same_lr": same_lr,
     }
+
+
+def same_rate(lorakit: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """PEFT + Trainer at lorakit LoRA's rate beside lorakit LoRA, seed 0, per task (not a target)."""
+    rows = []
+    for point in bq.sweep_points(bq.MAIN_SWEEPS[0]):
+        peft = _peft_run(bq.PEFT_DIR / "same-lr" / f"{point.name}.json")
+        ours = [r for r in lorakit if r["point"] == point.name and r["contender"] == "lorakit"]
+        if peft and ours:
+            rows.append(
+                {
+                    "task": peft["task"],
+                    "lr": peft["lr"],
+                    "lorakit": ours[0]["main"],
+                    "peft": peft["main"],
+                    "peft_curve": peft["curve"],
+                    "lorakit_wall_seconds": ours[0]["wall_seconds"],
+                    "peft_wall_seconds": peft["wall_seconds"],
+                }
+            )
+    return rows
 
 
 def quant_summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -355,6 +378,29 @@ def render(data: dict[str, Any] | None) -> list[str]:
         "",
     ]
     lines += table(["contender", *(f"{lr:g}" for lr in lrs)], grid_rows)
+    if data["same_lr"]:
+        lines += [
+            "Beside the protocol (not a target): PEFT + Trainer at lorakit LoRA's rate, seed 0, so that "
+            "the two LoRA implementations meet at one setting.",
+            "",
+        ]
+        lines += table(
+            [
+                "task",
+                "lr",
+                "lorakit LoRA",
+                "PEFT LoRA + Trainer",
+                "curve (PEFT)",
+                "LoRA − PEFT",
+                "wall ratio",
+            ],
+            [
+                [r["task"], f"{r['lr']:g}", f"{r['lorakit']:.2f}", f"{r['peft']:.2f}"]
+                + [" → ".join(f"{v:.1f}" for v in r["peft_curve"]), f"{r['lorakit'] - r['peft']:+.2f}"]
+                + [f"{r['lorakit_wall_seconds'] / r['peft_wall_seconds']:.3f}"]
+                for r in data["same_lr"]
+            ],
+        )
     if any(q["median"] is not None for q in data["quant"]):
         lines += ["### LoRA on a quantized base (issue 27)", ""]
         lines += table(

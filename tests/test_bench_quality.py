@@ -162,6 +162,13 @@ def test_grid_picks_then_quality_sweeps_peft_quant_and_report(
     )
     assert lorakit["main"] == metrics["final"]["pearson"]
 
+    # Beside the protocol: PEFT at lorakit LoRA's own rate, one row per task.
+    assert [(r["task"], r["lr"]) for r in data["same_lr"]] == [
+        ("stsb", picks["lorakit"]),
+        ("mrpc", picks["lorakit"]),
+    ]
+    assert data["same_lr"][0]["lorakit"] == lorakit["main"]
+
     (quant,) = data["quant"]
     assert (quant["task"], quant["quantize"]) == ("stsb", "int8") and len(quant["seeds"]) == 3
     assert quant["met"] == (abs(quant["median"] - quant["float32_median"]) <= 1.0)
@@ -171,6 +178,7 @@ def test_grid_picks_then_quality_sweeps_peft_quant_and_report(
     row = next(line for line in results.splitlines() if "5-task average, lorakit LoRA ≥ full FT" in line)
     assert row.endswith("| yes |" if data["targets"]["vs_full_met"] else "| **no** |")
     assert "quant quality: stsb int8 within 1.0 of float32" in results
+    assert "PEFT + Trainer at lorakit LoRA's rate" in results
     assert (tmp_path / "out" / "quality.png").is_file()
 
     # Resumable: a rerun trains nothing (every point and PEFT run is reused).
