@@ -327,7 +327,10 @@ BAD_SWEEPS = [
     ({"grid": {"method,train.lr": [["lora"]]}}, "grid.method,train.lr: each value is a list of 2"),
     ({"grid": {"method,train.lr": ["lora"]}}, "grid.method,train.lr: each value is a list of 2"),
     ({"grid": {"method,method": [["lora", "full"]]}}, "grid.method,method: linked keys are distinct"),
-    ({"grid": {"method,train.lr": [["lora", 0.1]], "train.lr": [0.2]}}, "grid.method,train.lr: train.lr is swept twice"),
+    (
+        {"grid": {"method,train.lr": [["lora", 0.1]], "train.lr": [0.2]}},
+        "grid.method,train.lr: train.lr is swept twice",
+    ),
     ({"set": {"train.lr": 0.1}, "grid": {"method,train.lr": [["lora", 0.1]]}}, "set.train.lr: also in grid"),
     (
         {"grid": {"method,train.lrr": [["lora", 0.1]]}},
