@@ -253,6 +253,11 @@ def plot_curves(data: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _others(run: dict[str, Any]) -> str:
+    """The task's other dev metrics after the last epoch (STS-B's Spearman, MRPC's F1)."""
+    return ", ".join(f"{k} {v:.2f}" for k, v in run["final"].items() if k != run["main_metric"]) or "—"
+
+
 def _fmt(value: float | None, spec: str = ".1f") -> str:
     return "—" if value is None else format(value, spec)
 
@@ -349,12 +354,13 @@ def render(data: dict[str, Any] | None) -> list[str]:
     lines += table(head, rows)
     lines += ["Per run (final dev score; curve = dev score after each epoch):", ""]
     per_run = [
-        [t["task"], CONTENDERS[r["contender"]], r["seed"], f"{r['lr']:g}", f"{r['main']:.2f}"]
+        [t["task"], CONTENDERS[r["contender"]], r["seed"], f"{r['lr']:g}", f"{r['main']:.2f}", _others(r)]
         + [" → ".join(f"{v:.1f}" for v in r["curve"]), f"{r['trainable']:,}", f"{r['wall_seconds']:.0f}"]
         for t in data["tasks"]
         for r in t["runs"]
     ]
-    lines += table(["task", "contender", "seed", "lr", "final", "curve", "trainable", "wall s"], per_run)
+    head = ["task", "contender", "seed", "lr", "final", "other metrics", "curve", "trainable", "wall s"]
+    lines += table(head, per_run)
     grid = data["grid"]
     lrs = sorted({g["lr"] for runs in grid.values() for g in runs})
     grid_rows = [
