@@ -52,7 +52,7 @@ import yaml
 
 from lorakit.analysis.sweep_file import (
     SweepFile,
-    _as_override,
+    as_override,
     check_grid,
     grid_overrides,
     linked_keys,
@@ -215,7 +215,7 @@ def load_sweep(
     root = Path(output_dir or spec.output_dir or f"runs/sweeps/{path.stem}").expanduser()
     rows, cols = _layout(spec, where, rows, cols)
     keys = list(spec.grid)
-    fixed_items = [_as_override(k, v) for k, v in spec.fixed.items()] + cli_set
+    fixed_items = [as_override(k, v) for k, v in spec.fixed.items()] + cli_set
     cli_fixed = {item.partition("=")[0].strip(): item.partition("=")[2] for item in cli_set}
     sweep = Sweep(path, base, {**spec.fixed, **cli_fixed}, spec.grid, root, rows, cols)
     sweep.resources = {str(k): float(v) for k, v in spec.resources.items()}

@@ -39,7 +39,7 @@ class SweepFile(BaseModel):
         return value
 
 
-def _as_override(key: str, value: Any) -> str:
+def as_override(key: str, value: Any) -> str:
     # JSON is YAML, and the recipe loader parses override values as YAML: the value comes back as written.
     return f"{key}={json.dumps(value)}"
 
@@ -53,11 +53,12 @@ def grid_overrides(key: str, value: Any) -> list[str]:
     """The ``--set`` items one grid value stands for (one per linked key)."""
     parts = linked_keys(key)
     if len(parts) == 1:
-        return [_as_override(key, value)]
-    return [_as_override(part, v) for part, v in zip(parts, value, strict=True)]
+        return [as_override(key, value)]
+    return [as_override(part, v) for part, v in zip(parts, value, strict=True)]
 
 
 def read_sweep_file(path: Path) -> SweepFile:
+    """The sweep file at ``path``, parsed and schema-checked; a UserError names the file and key."""
     where = str(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -94,6 +95,8 @@ def read_sweep_file(path: Path) -> SweepFile:
 
 
 def check_grid(spec: SweepFile, where: str, cli_set: list[str]) -> None:
+    """The grid's own rules: non-empty lists of distinct values, linked keys well formed, each recipe key
+    swept once and never also fixed (``set:`` or ``--set``), output_dir the sweep's."""
     if not spec.grid:
         raise UserError("empty: give at least one recipe key with a list of values", where=f"{where}: grid")
     swept = [part for key in spec.grid for part in linked_keys(key)]
