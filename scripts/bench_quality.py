@@ -236,10 +236,9 @@ def main() -> None:
             lorakit_sweep(path)
         peft_runs(sweep_points(LR_SWEEPS["lorakit"]), None, PEFT_DIR / "lr-grid")
     if "main" in stages:
-        check_picks()  # the sweep files' rates are the grid's picks, or nothing trains
+        picks = check_picks()  # the sweep files' rates are the grid's picks, or nothing trains
         for path in MAIN_SWEEPS:
             lorakit_sweep(path)
-        picks = check_picks()
         peft_runs(sweep_points(MAIN_SWEEPS[0]), picks["peft"], PEFT_DIR / "main")
         # Beside the protocol (each contender at its own pick), PEFT at lorakit LoRA's rate: the two
         # implementations at one setting, so that a gap from the rates is told apart from one of the code.

@@ -108,15 +108,13 @@ def collect() -> dict[str, Any]:
     import torch
     from bench_common import environment
 
-    lorakit = [r for path in bq.MAIN_SWEEPS for p in bq.sweep_points(path) if (r := _lorakit_run(p))]
-    peft = [
-        r
-        for p in bq.sweep_points(bq.MAIN_SWEEPS[0])
-        if (r := _peft_run(bq.PEFT_DIR / "main" / f"{p.name}.json"))
-    ]
+    main = bq.sweep_points(bq.MAIN_SWEEPS[0])  # resolved once: every recipe of the sweep is validated
+    points = main + [p for path in bq.MAIN_SWEEPS[1:] for p in bq.sweep_points(path)]
+    lorakit = [r for p in points if (r := _lorakit_run(p))]
+    peft = [r for p in main if (r := _peft_run(bq.PEFT_DIR / "main" / f"{p.name}.json"))]
     runs = lorakit + peft
     tasks = []
-    for task in dict.fromkeys(p.recipe.task.name for p in bq.sweep_points(bq.MAIN_SWEEPS[0])):
+    for task in dict.fromkeys(p.recipe.task.name for p in main):
         mine = [r for r in runs if r["task"] == task]
         by = {
             c: sorted((r for r in mine if r["contender"] == c), key=lambda r: r["seed"]) for c in CONTENDERS
@@ -149,7 +147,7 @@ def collect() -> dict[str, Any]:
         if bq.QUANT_SWEEP.is_file()
         else []
     )
-    same_lr = same_rate(lorakit)
+    same_lr = same_rate(main, lorakit)
     grid = grid_results()
     # The runs' own wall times (each run's data, model, steps, evaluation and saving), by stage.
     stages = {
@@ -172,10 +170,10 @@ def collect() -> dict[str, Any]:
     }
 
 
-def same_rate(lorakit: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def same_rate(main: list[Any], lorakit: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """PEFT + Trainer at lorakit LoRA's rate beside lorakit LoRA, seed 0, per task (not a target)."""
     rows = []
-    for point in bq.sweep_points(bq.MAIN_SWEEPS[0]):
+    for point in main:
         peft = _peft_run(bq.PEFT_DIR / "same-lr" / f"{point.name}.json")
         ours = [r for r in lorakit if r["point"] == point.name and r["contender"] == "lorakit"]
         if peft and ours:
