@@ -340,6 +340,14 @@ def sweep(
     set_: SetOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the points and train nothing.")] = False,
     ray: train_flags.Ray = None,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--only",
+            metavar="GLOB",
+            help="Train only the points whose name matches (repeatable): --only 'name=stsb,*'.",
+        ),
+    ] = None,
 ) -> None:
     """Train every point of a grid over a recipe (finished points are reused, interrupted ones resumed);
     writes sweep.json, sweep.csv and sweep.md. Exit 1 when a point failed (the others still run)."""
@@ -351,8 +359,8 @@ def sweep(
         for line in plan_lines(loaded):
             console.print(line, highlight=False, soft_wrap=True)
         return
-    records = run_sweep(loaded, jobs, console, ray=ray)
-    if any(r["status"] != "done" for r in records):
+    records = run_sweep(loaded, jobs, console, ray=ray, only=only)
+    if any(r["status"] == "failed" for r in records):
         raise typer.Exit(1)
 
 

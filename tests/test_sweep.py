@@ -251,6 +251,26 @@ def test_interrupted_sweep_runs_only_what_is_missing(swept: dict, tmp_path: Path
     assert resumed["best"] == original["best"] and resumed["final"] == original["final"]
 
 
+def test_only_trains_the_matching_points_and_a_glob_matching_none_is_refused(
+    swept: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "part"
+    wanted = point_name(4, ["query"], 1)
+    assert main(["sweep", str(swept["sweep"]), "--output-dir", str(out), "--only", "r=4,*query,seed=1"]) == 0
+    assert "7 left out by --only" in capsys.readouterr().out
+    status = {r["point"]: r["status"] for r in read_csv(out / "sweep.csv")}
+    assert status == {n: "done" if n == wanted else "not run" for n in ALL_POINTS}
+    assert [d.name for d in out.iterdir() if (d / "metrics.json").is_file()] == [wanted]
+    # The same point as the full sweep's, trained alone: the same run.
+    assert metrics_of(out / wanted)["best"] == metrics_of(swept["root"] / wanted)["best"]
+    assert "8 points: 1 done, 0 failed, 7 not run." in (out / "sweep.md").read_text()
+
+    code = main(["sweep", str(swept["sweep"]), "--output-dir", str(out), "--only", "r=3,*"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "--only" in err and "'r=3,*' matches none of the 8 points" in err
+
+
 def test_a_finished_point_of_another_recipe_is_refused(
     swept: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -9,6 +9,7 @@ points write their checkpoints, writes the tables, and stops: a rerun continues 
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shlex
@@ -227,8 +228,30 @@ def _run_children(todo: list[tuple[Point, bool]], rec: _Recorder, jobs: int, con
             raise Interrupted("stopped", 128 + stop.signum) from None
 
 
+def selected(sweep: Sweep, only: list[str] | None) -> set[str]:
+    """The names of ``sweep``'s points that match one of the ``only`` globs (every point when there are
+    none); a glob that matches no point is a UserError, since a typo would otherwise train nothing."""
+    if not only:
+        return {p.name for p in sweep.points}
+    names: set[str] = set()
+    for pattern in only:
+        matched = {p.name for p in sweep.points if fnmatch.fnmatchcase(p.name, pattern)}
+        if not matched:
+            raise UserError(
+                f"{pattern!r} matches none of the {len(sweep.points)} points of {sweep.source} "
+                f"(named like {sweep.points[0].name!r}; `--dry-run` lists them)",
+                where="--only",
+            )
+        names |= matched
+    return names
+
+
 def run_sweep(
-    sweep: Sweep, jobs: int = 1, console: Console | None = None, ray: str | None = None
+    sweep: Sweep,
+    jobs: int = 1,
+    console: Console | None = None,
+    ray: str | None = None,
+    only: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Train every point of ``sweep`` that is not finished; returns every point's record, in point order.
 
@@ -236,6 +259,7 @@ def run_sweep(
     another recipe is a UserError). Failed points are recorded, not raised; the tables are written after
     each point and when the sweep is interrupted (then ``Interrupted`` says how to continue). ``ray``: a
     Ray cluster's address, ``auto`` or ``local``: the points run as Ray tasks (``analysis.sweep_ray``).
+    ``only``: globs over point names; the unfinished points that match none are left ``not run``.
     """
     console = console or Console()
     if ray is not None and jobs != 1:
@@ -248,6 +272,7 @@ def run_sweep(
         from lorakit.analysis.sweep_ray import preflight
 
         preflight(ray)  # Ray installed, the cluster answering: or one line before anything is written
+    chosen = selected(sweep, only)
     states = {p.name: point_state(p) for p in sweep.points}
     walls = _previous_walls(sweep.root)
     results = {p.name: PointResult(p) for p in sweep.points}
@@ -260,12 +285,14 @@ def run_sweep(
                 finished_metrics(p.run_dir),
                 walls.get(p.name),
             )
-    todo = [(p, states[p.name] == "resume") for p in sweep.points if states[p.name] != "finished"]
+    unfinished = [p for p in sweep.points if states[p.name] != "finished"]
+    todo = [(p, states[p.name] == "resume") for p in unfinished if p.name in chosen]
     rec = _Recorder(sweep, results, jobs)
-    reused = len(sweep.points) - len(todo)
+    reused = len(sweep.points) - len(unfinished)
+    left = f" ({len(unfinished) - len(todo)} left out by --only)" if len(todo) < len(unfinished) else ""
     console.print(
-        f"sweep {sweep.source}: {len(sweep.points)} points, {reused} already finished, {len(todo)} to train, "
-        f"into {sweep.root}",
+        f"sweep {sweep.source}: {len(sweep.points)} points, {reused} already finished, {len(todo)} to train"
+        f"{left}, into {sweep.root}",
         highlight=False,
     )
     rec.write()
