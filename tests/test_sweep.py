@@ -176,6 +176,16 @@ def test_a_point_is_the_run_lorakit_train_makes(swept: dict, tmp_path: Path) -> 
         assert mine[key] == theirs[key], key
 
 
+def test_points_trained_in_one_process_count_their_own_start_up(swept: dict) -> None:
+    # --jobs 1 trains every point in the sweep's process: a point's "start-up" is the time since the
+    # previous point ended, never the process's age (which holds every point before it).
+    root = swept["root"]
+    written = [(root / n / "metrics.json").stat().st_mtime for n in ALL_POINTS]
+    startups = [metrics_of(root / n)["seconds"]["start-up"] for n in ALL_POINTS]
+    for k in range(1, len(written)):
+        assert 0 <= startups[k] <= written[k] - written[k - 1], (k, startups[k])
+
+
 def test_csv_and_markdown_hold_the_runs_metrics(swept: dict) -> None:
     root = swept["root"]
     rows = read_csv(root / "sweep.csv")

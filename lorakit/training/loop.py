@@ -205,8 +205,11 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     startup = reporting.process_age_seconds()
     recipe, task = settled_recipe(recipe)
     trackers.check_installed(recipe)
-    with without_deepspeed(needed=deepspeed_in_use()):
-        return _train(recipe, task, resume, startup)
+    try:
+        with without_deepspeed(needed=deepspeed_in_use()):
+            return _train(recipe, task, resume, startup)
+    finally:
+        reporting.mark_run_end()
 
 
 def _train(recipe: Recipe, task: Task, resume: bool, startup: float) -> TrainResult:

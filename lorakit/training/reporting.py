@@ -67,13 +67,26 @@ def run_metrics(
     return metrics
 
 
+_previous_run_end: float | None = None
+
+
 def process_age_seconds() -> float:
-    """Seconds since this process started: its interpreter start-up and imports, when asked first thing."""
+    """Seconds since this process started (its interpreter start-up and imports, when asked first thing),
+    or since the previous run in it ended: a sweep's points trained in one process each count their own
+    start, not the points before them."""
     import time
 
     import psutil  # Accelerate's own dependency
 
-    return time.time() - psutil.Process().create_time()
+    return time.time() - max(psutil.Process().create_time(), _previous_run_end or 0.0)
+
+
+def mark_run_end() -> None:
+    """A run in this process has ended: the next one's start-up is counted from now."""
+    import time
+
+    global _previous_run_end
+    _previous_run_end = time.time()
 
 
 def peak_memory() -> dict[str, Any]:
