@@ -38,6 +38,8 @@ LR_SWEEPS = {
 MAIN_SWEEPS = (SWEEPS / "minilm-quality.yaml", SWEEPS / "minilm-quality-seeds.yaml")
 QUANT_SWEEP = SWEEPS / "minilm-quality-quant.yaml"
 PEFT_DIR = ROOT / "benchmarks" / "quality" / "peft"
+# PEFT's runs beside the quality sweeps (under PEFT_DIR): at PEFT's own pick, and at lorakit LoRA's rate.
+PEFT_MAIN, PEFT_SAME_LR = "main-5ep", "same-lr-5ep"
 # The grid's data: STS-B's training rows, HELDOUT_ROWS of them (a fixed seed) as the scored split.
 GLUE = ROOT.parent / "shared" / "data" / "glue"
 HELDOUT = ROOT / "runs" / "quality-data" / "STS-B-heldout"
@@ -57,14 +59,16 @@ def heldout_folder(source: Path, rows: int, dest: Path, seed: int = HELDOUT_SEED
     return dest
 
 
-def lorakit_sweep(path: Path) -> None:
-    """``lorakit sweep PATH`` from the repository root (relative paths in the sweep files are from there),
-    its latest-run pointer in a scratch home, so that the user's own ``lorakit eval`` default is untouched."""
+def lorakit_sweep(path: Path, only: list[str] | None = None) -> None:
+    """``lorakit sweep PATH [--only NAME]...`` from the repository root (relative paths in the sweep files
+    are from there), its latest-run pointer in a scratch home, so that the user's own ``lorakit eval``
+    default is untouched."""
     from bench_common import scratch
 
-    print(f"[quality] lorakit sweep {path}", flush=True)
+    chosen = [a for name in only or [] for a in ("--only", name)]
+    print(f"[quality] lorakit sweep {path} {' '.join(chosen)}", flush=True)
     with scratch():
-        argv = [sys.executable, "-m", "lorakit", "sweep", str(path)]
+        argv = [sys.executable, "-m", "lorakit", "sweep", str(path), *chosen]
         done = subprocess.run(argv, cwd=ROOT, check=False)
     if done.returncode != 0:
         raise SystemExit(f"lorakit sweep {path} failed (exit {done.returncode})")
@@ -216,6 +220,28 @@ def peft_runs(points: list[Any], lr: float | None, folder: Path) -> None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+def main_stage(picks: dict[str, float]) -> None:
+    """The quality sweeps and PEFT beside them. Task by task, lorakit LoRA's point and then PEFT's run at
+    its pick, back to back, so that the wall-time ratio compares runs minutes apart on the same machine
+    rather than an hour apart (these machines' speed drifts by 20% over an hour); then full fine-tuning.
+    Then the other seeds, and last PEFT at lorakit LoRA's rate (beside the targets, not one of them)."""
+    main_sweep, *more = MAIN_SWEEPS
+    points = sweep_points(main_sweep)
+    for point in points:
+        if point.recipe.method != "lora":
+            continue
+        lorakit_sweep(main_sweep, [point.name])
+        peft_runs([point], picks["peft"], PEFT_DIR / PEFT_MAIN)
+        task = point.recipe.task.name
+        lorakit_sweep(main_sweep, [p.name for p in points if p.recipe.task.name == task])
+    lorakit_sweep(main_sweep)  # nothing left to train: the sweep's tables, whole
+    for path in more:
+        lorakit_sweep(path)
+    # Beside the protocol (each contender at its own pick), PEFT at lorakit LoRA's rate: the two
+    # implementations at one setting, so that a gap from the rates is told apart from one of the code.
+    peft_runs(points, picks["lorakit"], PEFT_DIR / PEFT_SAME_LR)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
@@ -236,13 +262,7 @@ def main() -> None:
             lorakit_sweep(path)
         peft_runs(sweep_points(LR_SWEEPS["lorakit"]), None, PEFT_DIR / "lr-grid")
     if "main" in stages:
-        picks = check_picks()  # the sweep files' rates are the grid's picks, or nothing trains
-        for path in MAIN_SWEEPS:
-            lorakit_sweep(path)
-        peft_runs(sweep_points(MAIN_SWEEPS[0]), picks["peft"], PEFT_DIR / "main")
-        # Beside the protocol (each contender at its own pick), PEFT at lorakit LoRA's rate: the two
-        # implementations at one setting, so that a gap from the rates is told apart from one of the code.
-        peft_runs(sweep_points(MAIN_SWEEPS[0]), picks["lorakit"], PEFT_DIR / "same-lr")
+        main_stage(check_picks())  # the sweep files' rates are the grid's picks, or nothing trains
     if "quant" in stages:
         lorakit_sweep(QUANT_SWEEP)
     if "report" in stages:

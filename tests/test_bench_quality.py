@@ -155,7 +155,18 @@ def test_grid_picks_then_quality_sweeps_peft_quant_and_report(
     assert data["average"]["lorakit"] == pytest.approx(average)
     gap = data["average"]["lorakit"] - data["average"]["full"]
     assert data["targets"]["vs_full_met"] == (gap >= -1.0)
+    assert stsb["wall_ratio"] == pytest.approx(lorakit["wall_seconds"] / peft["wall_seconds"])  # seed 0's
     assert stsb["wall_met"] == (stsb["wall_ratio"] <= 0.8)
+    # Task by task, lorakit LoRA's run and PEFT's back to back, then full fine-tuning, then the next task.
+    q = tmp_path / "q"
+    written = [
+        (q / "main" / "name=stsb,method=lora,seed=0" / "metrics.json").stat().st_mtime_ns,
+        (q / "peft" / bench_quality.PEFT_MAIN / "name=stsb,method=lora,seed=0.json").stat().st_mtime_ns,
+        (q / "main" / "name=stsb,method=full,seed=0" / "metrics.json").stat().st_mtime_ns,
+        (q / "main" / "name=mrpc,method=lora,seed=0" / "metrics.json").stat().st_mtime_ns,
+        (q / "peft" / bench_quality.PEFT_MAIN / "name=mrpc,method=lora,seed=0.json").stat().st_mtime_ns,
+    ]
+    assert written == sorted(written)
     # The lorakit score is its run's own final dev evaluation (`lorakit eval` computes the same).
     metrics = json.loads(
         (tmp_path / "q" / "main" / "name=stsb,method=lora,seed=0" / "metrics.json").read_text()
@@ -208,9 +219,12 @@ def test_shipped_quality_sweeps_are_the_issue_budgets() -> None:
     assert {(p.recipe.task.name, p.recipe.method, p.recipe.train.seed) for p in seeds} == {
         (t, m, s) for t in ("stsb", "mrpc") for m in ("lora", "full") for s in (1, 2)
     }
+    # 5 epochs, the issue's cap, for the quality sweeps; the quant sweep compares bases at its own 3.
+    assert {p.recipe.train.epochs for p in main + seeds} == {5}
+    assert {p.recipe.train.epochs for p in quant} == {3}
     for p in main + seeds + quant:
         r = p.recipe
-        assert r.task.max_eval_samples is None and r.train.epochs == 3 and r.train.batch_size == 32
+        assert r.task.max_eval_samples is None and r.train.batch_size == 32
         assert (r.lora.r, r.lora.target_modules, r.lora.modules_to_save) == (
             8,
             ["query", "value"],
