@@ -189,6 +189,7 @@ def test_grid_picks_then_quality_sweeps_peft_quant_and_report(
     row = next(line for line in results.splitlines() if "5-task average, lorakit LoRA ≥ full FT" in line)
     assert row.endswith("| yes |" if data["targets"]["vs_full_met"] else "| **no** |")
     assert "quant quality: stsb int8 within 1.0 of float32" in results
+    assert data["epochs"] == data["quant_epochs"] == [2] and "int8 base, 2 epochs, seeds 0–2" in results
     assert "PEFT + Trainer at lorakit LoRA's rate" in results
     assert (tmp_path / "out" / "quality.png").is_file()
 
