@@ -135,7 +135,8 @@ def collect() -> dict[str, Any]:
                 "runs": [r for c in CONTENDERS for r in by[c]],
             }
         )
-    complete = all(t["score"][c] is not None for t in tasks for c in CONTENDERS)
+    # Every point of every quality sweep (the other seeds too: they move the medians) and PEFT beside each.
+    complete = len(lorakit) == len(points) and len(peft) == sum(p.recipe.method == "lora" for p in main)
     average = {c: statistics.fmean(t["score"][c] for t in tasks) if complete else None for c in CONTENDERS}
     targets = None
     if complete:

@@ -193,6 +193,14 @@ def test_grid_picks_then_quality_sweeps_peft_quant_and_report(
     assert "PEFT + Trainer at lorakit LoRA's rate" in results
     assert (tmp_path / "out" / "quality.png").is_file()
 
+    # Until the other seeds have finished too, the section says it is not finished and states no target.
+    seed2 = tmp_path / "q" / "seeds" / "name=stsb,method=full,seed=2" / "metrics.json"
+    kept = seed2.read_bytes()
+    seed2.unlink()
+    partial = bench_quality_report.collect()
+    assert not partial["complete"] and partial["targets"] is None
+    seed2.write_bytes(kept)
+
     # Resumable: a rerun trains nothing (every point and PEFT run is reused).
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "q").rglob("metrics.json")}
     stamps |= {p: p.stat().st_mtime_ns for p in (tmp_path / "q" / "peft").rglob("*.json")}
