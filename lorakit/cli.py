@@ -340,14 +340,7 @@ def sweep(
     set_: SetOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the points and train nothing.")] = False,
     ray: train_flags.Ray = None,
-    only: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--only",
-            metavar="GLOB",
-            help="Train only the points whose name matches (repeatable): --only 'name=stsb,*'.",
-        ),
-    ] = None,
+    only: train_flags.Only = None,
 ) -> None:
     """Train every point of a grid over a recipe (finished points are reused, interrupted ones resumed);
     writes sweep.json, sweep.csv and sweep.md. Exit 1 when a point failed (the others still run)."""

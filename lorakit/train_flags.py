@@ -34,6 +34,14 @@ Ray = Annotated[
         "or, given alone, on a Ray started for this command.",
     ),
 ]
+Only = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--only",
+        metavar="GLOB",
+        help="Train only the points whose name matches (repeatable): --only 'name=stsb,*'.",
+    ),
+]
 LOCAL_RAY = "local"  # what a bare --ray stands for (ray.init's own name for a fresh local instance)
 
 

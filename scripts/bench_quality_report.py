@@ -259,6 +259,10 @@ def _others(run: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.2f}" for k, v in run["final"].items() if k != run["main_metric"]) or "—"
 
 
+def _curve(values: list[float]) -> str:
+    return " → ".join(f"{v:.1f}" for v in values)
+
+
 def _fmt(value: float | None, spec: str = ".1f") -> str:
     return "—" if value is None else format(value, spec)
 
@@ -358,7 +362,7 @@ def render(data: dict[str, Any] | None) -> list[str]:
     lines += ["Per run (final dev score; curve = dev score after each epoch):", ""]
     per_run = [
         [t["task"], CONTENDERS[r["contender"]], r["seed"], f"{r['lr']:g}", f"{r['main']:.2f}", _others(r)]
-        + [" → ".join(f"{v:.1f}" for v in r["curve"]), f"{r['trainable']:,}", f"{r['wall_seconds']:.0f}"]
+        + [_curve(r["curve"]), f"{r['trainable']:,}", f"{r['wall_seconds']:.0f}"]
         for t in data["tasks"]
         for r in t["runs"]
     ]
@@ -405,7 +409,7 @@ def render(data: dict[str, Any] | None) -> list[str]:
             ],
             [
                 [r["task"], f"{r['lr']:g}", f"{r['lorakit']:.2f}", f"{r['peft']:.2f}"]
-                + [" → ".join(f"{v:.1f}" for v in r["peft_curve"]), f"{r['lorakit'] - r['peft']:+.2f}"]
+                + [_curve(r["peft_curve"]), f"{r['lorakit'] - r['peft']:+.2f}"]
                 + [f"{r['lorakit_wall_seconds'] / r['peft_wall_seconds']:.3f}"]
                 for r in data["same_lr"]
             ],
