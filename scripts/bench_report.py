@@ -14,8 +14,8 @@ from bench_generation_serve import render as render_generation
 from bench_llama import llama_targets
 from bench_llama import render as render_llama
 from bench_overload import render as render_overload
-from bench_quality_report import render as render_quality
-from bench_quality_report import targets as quality_targets
+from bench_quality_render import render as render_quality
+from bench_quality_render import targets as quality_targets
 from bench_quant import quant_targets
 from bench_quant import render as render_quant
 from bench_serve import render as render_serve

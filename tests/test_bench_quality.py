@@ -191,6 +191,14 @@ def test_grid_picks_then_quality_sweeps_peft_quant_and_report(
     assert "quant quality: stsb int8 within 1.0 of float32" in results
     assert data["epochs"] == data["quant_epochs"] == [2] and "int8 base, 2 epochs, seeds 0–2" in results
     assert "PEFT + Trainer at lorakit LoRA's rate" in results
+    # Whether each seed-0 curve levelled off: its last epoch's gain against 1 point, the rising ones named.
+    from bench_quality_render import levelling
+
+    seed0 = [r for t in data["tasks"] for r in t["runs"] if r["seed"] == 0]
+    rising = [r for r in seed0 if r["curve"][-1] - r["curve"][-2] > 1.0]
+    assert f"{len(seed0) - len(rising)} of {len(seed0)} curves gained at most 1 point" in results
+    fake = {"tasks": [{"task": "cola", "runs": [{"contender": "lorakit", "seed": 0, "curve": [16.5, 22.1]}]}]}
+    assert levelling(fake).endswith("still rising by more at the epoch cap: cola lorakit LoRA (+5.6).")
     assert (tmp_path / "out" / "quality.png").is_file()
 
     # Until the other seeds have finished too, the section says it is not finished and states no target.
