@@ -8,7 +8,7 @@ from typing import Any
 from bench_format import header, table
 from bench_quality_report import CONTENDERS
 
-LEVEL = 1.0  # a curve "has levelled off" when its last epoch moved it by at most this many points
+LEVEL = 1.0  # a curve "has levelled off" when its last epoch gained at most this many points
 
 
 def _others(run: dict[str, Any]) -> str:
