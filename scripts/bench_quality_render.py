@@ -41,24 +41,16 @@ def targets(data: dict[str, Any] | None) -> list[tuple[str, str, bool]]:
         rows.append(
             ("quality: 5-task average, lorakit LoRA ≥ PEFT − 0.5", f"{t['vs_peft']:+.2f}", t["vs_peft_met"])
         )
-    for task in data["tasks"]:
-        if task["wall_met"] is not None:
-            rows.append(
-                (
-                    f"quality: {task['task']} wall time ≤ 0.8× PEFT + Trainer",
-                    f"{task['wall_ratio']:.3f}",
-                    task["wall_met"],
-                )
-            )
-    for q in data["quant"]:
-        if q["met"] is not None:
-            rows.append(
-                (
-                    f"quant quality: {q['task']} {q['quantize']} within 1.0 of float32",
-                    f"{q['gap']:+.2f}",
-                    q["met"],
-                )
-            )
+    rows += [
+        (f"quality: {k['task']} wall time ≤ 0.8× PEFT + Trainer", f"{k['wall_ratio']:.3f}", k["wall_met"])
+        for k in data["tasks"]
+        if k["wall_met"] is not None
+    ]
+    rows += [
+        (f"quant quality: {q['task']} {q['quantize']} within 1.0 of float32", f"{q['gap']:+.2f}", q["met"])
+        for q in data["quant"]
+        if q["met"] is not None
+    ]
     return rows
 
 
